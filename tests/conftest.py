@@ -1,0 +1,49 @@
+"""Shared test fixtures: the ../shared folder (golden cases, meshes), GPU skips."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    env = os.environ.get("TURBOPART_SHARED")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared", REPO / "shared"]:
+        if (cand / "golden").is_dir():
+            return cand
+    return None
+
+
+SHARED = shared_dir()
+CASES = SHARED / "golden" / "cases" if SHARED else None
+MANIFESTS = SHARED / "golden" / "manifests" if SHARED else None
+MESHES = SHARED / "meshes" if SHARED else None
+
+needs_shared = pytest.mark.skipif(
+    SHARED is None, reason="needs ../shared (golden cases and meshes); set TURBOPART_SHARED")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def case_path(name: str) -> Path:
+    if CASES is None:
+        pytest.skip("needs ../shared/golden/cases; set TURBOPART_SHARED")
+    p = CASES / f"{name}.json"
+    if not p.exists():
+        pytest.skip(f"golden case {name} not in {CASES}")
+    return p
+
+
+def mesh_path(name: str) -> Path:
+    if MESHES is None:
+        pytest.skip("needs ../shared/meshes; set TURBOPART_SHARED")
+    return MESHES / name
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

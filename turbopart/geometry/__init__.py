@@ -1,0 +1,1 @@
+"""Geometry on the GPU: FPS, marching cubes, mesh clean-up, components."""

@@ -1,0 +1,1 @@
+"""P3-SAM: promptable part segmentation and the automatic mask algorithm."""

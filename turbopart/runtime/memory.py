@@ -1,0 +1,63 @@
+"""GPU memory budget: how much work fits now, and degrading instead of failing on OOM."""
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+#: Fraction of the currently free device memory a single transient allocation may use.
+DEFAULT_FRACTION = float(os.environ.get("TURBOPART_MEM_FRACTION", "0.6"))
+#: Working budget on the CPU (bytes): chunked code paths stay bounded there too.
+CPU_BUDGET = int(float(os.environ.get("TURBOPART_CPU_BUDGET_GB", "2")) * 2**30)
+
+
+def free_bytes(device: torch.device | str) -> int:
+    """Bytes that can be allocated on ``device`` right now (allocator cache included)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_BUDGET
+    free, _total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    allocated = torch.cuda.memory_allocated(device)
+    return int(free + max(reserved - allocated, 0))
+
+
+def budget_bytes(device: torch.device | str, fraction: float | None = None,
+                 cap: int | None = None) -> int:
+    """A working budget: ``fraction`` of :func:`free_bytes`, optionally capped."""
+    b = int(free_bytes(device) * (DEFAULT_FRACTION if fraction is None else fraction))
+    if cap is not None:
+        b = min(b, int(cap))
+    return max(b, 1)
+
+
+def items_that_fit(bytes_per_item: float, device: torch.device | str, *, fixed: float = 0,
+                   fraction: float | None = None, cap_bytes: int | None = None,
+                   minimum: int = 1, maximum: int | None = None) -> int:
+    """How many items of ``bytes_per_item`` fit in the budget after ``fixed`` bytes."""
+    avail = budget_bytes(device, fraction, cap_bytes) - fixed
+    n = int(avail // max(bytes_per_item, 1))
+    if maximum is not None:
+        n = min(n, maximum)
+    return max(n, minimum)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def retry_smaller(fn: Callable[[int], T], size: int, *, minimum: int = 1,
+                  device: torch.device | str | None = None) -> T:
+    """Call ``fn(size)``; on a GPU OOM halve ``size`` and retry down to ``minimum``."""
+    while True:
+        try:
+            return fn(size)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc) or size <= minimum:
+                raise
+            size = max(minimum, size // 2)
+            if device is not None and torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()

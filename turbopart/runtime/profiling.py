@@ -1,0 +1,71 @@
+"""Stage timers and memory figures for progress reports, ``--profile`` and benchmarks."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Profile:
+    """Wall time per named stage (synchronised at both ends when ``sync`` is on)."""
+
+    device: str = "cpu"
+    synchronize: bool = True
+    stages: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if self.synchronize:
+            sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.synchronize:
+                sync(self.device)
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+    def count(self, name: str, value: Any) -> None:
+        self.counters[name] = value
+
+    @property
+    def total(self) -> float:
+        return sum(self.stages.values())
+
+    def peak_memory_gb(self) -> float | None:
+        if torch.device(self.device).type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "stages_s": dict(self.stages), "total_s": self.total,
+                "peak_gpu_gb": self.peak_memory_gb(), "counters": dict(self.counters)}
+
+    def table(self) -> str:
+        width = max([len(k) for k in self.stages] + [5])
+        lines = [f"{k:<{width}}  {v * 1000:9.1f} ms" for k, v in self.stages.items()]
+        lines.append(f"{'total':<{width}}  {self.total * 1000:9.1f} ms")
+        peak = self.peak_memory_gb()
+        if peak is not None:
+            lines.append(f"{'peak GPU memory':<{width}}  {peak:9.2f} GB")
+        return "\n".join(lines)
+
+    def write_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.as_dict(), f, indent=2)

@@ -1,0 +1,1 @@
+"""Sonata (Point Transformer V3 encoder), natively in PyTorch."""

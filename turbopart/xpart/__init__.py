@@ -1,0 +1,1 @@
+"""X-Part: part generation (ShapeVAE, conditioner, MoE DiT, scheduler, pipeline)."""
