@@ -1,0 +1,243 @@
+"""ShapeVAE: layout, golden parity, Fourier embedding, encoder sampling, the fast query API."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import MANIFESTS, case_path, needs_gpu
+from turbopart import weights
+from turbopart.nn.fourier import FourierEmbedder, fourier_features, fourier_frequencies
+from turbopart.xpart import vae as vae_mod
+
+
+def _manifest(name):
+    if MANIFESTS is None:
+        pytest.skip("needs ../shared/golden/manifests")
+    with open(MANIFESTS / f"{name}.json") as f:
+        return {k: tuple(v["shape"]) for k, v in json.load(f)["state_dict"].items()}
+
+
+def _random_vae(params=None, dtype=torch.float32, seed=0):
+    """A tiny ShapeVAE with the golden case's init rule (every path contributes)."""
+    model = vae_mod.ShapeVAE(params or vae_mod.tiny_params())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                s = min(max(1 / math.sqrt(p.shape[1]), 0.02), 0.2)
+                p.copy_(s * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+# --------------------------------------------------------------------------- layout
+
+def test_layout_matches_manifest():
+    assert weights.layout("shapevae") == _manifest("shapevae")
+
+
+def test_skip_unused_leaves_out_encoder_and_pre_kl():
+    full = weights.layout("shapevae")
+    sd = weights.build("shapevae", skip_unused=True).state_dict()
+    keys = set(sd)
+    assert keys <= set(full)
+    assert {k for k in full if k not in keys} == {
+        k for k in full if k.startswith(("encoder.", "pre_kl."))}
+    assert all(tuple(sd[k].shape) == full[k] for k in keys)
+
+
+def test_configs_are_the_official_ones():
+    with open(case_path("shapevae")) as f:
+        assert vae_mod.tiny_config()["params"] == json.load(f)["config"]
+    _manifest("shapevae")
+    with open(MANIFESTS / "shapevae.json") as f:
+        assert vae_mod.default_params() == json.load(f)["config"]["params"]
+
+
+def test_tiny_config_builds_golden_layout():
+    cfg = vae_mod.tiny_config()
+    lay = weights.layout("shapevae", cfg)
+    assert lay["geo_decoder.query_proj.weight"] == (32, 51)
+    assert lay["encoder.input_proj.weight"] == (32, 55)
+    assert lay["pre_kl.weight"] == (16, 32)
+
+
+# --------------------------------------------------------------------------- golden
+
+def test_golden_shapevae():
+    from turbopart.golden import compare, load_case
+    from turbopart.golden.shapevae import run
+    case = load_case(case_path("shapevae"))
+    checks = compare(case, run(case))
+    bad = [(c.name, c.max_abs, c.detail) for c in checks if not c.ok]
+    assert not bad, bad
+    assert len(checks) == 9
+
+
+# --------------------------------------------------------------------------- Fourier
+
+def test_fourier_column_order_and_dtypes():
+    x = torch.tensor([[0.3, -0.7, 0.11]], dtype=torch.float64)
+    emb = FourierEmbedder(num_freqs=8, include_pi=False)
+    assert emb.out_dim == 51
+    f = emb(x)
+    assert f.dtype == torch.float64 and f.shape == (1, 51)
+    assert torch.equal(f[0, :3], x[0])
+    for a in range(3):
+        for k in range(8):
+            assert f[0, 3 + 8 * a + k] == torch.sin(x[0, a] * 2.0 ** k)
+            assert f[0, 27 + 8 * a + k] == torch.cos(x[0, a] * 2.0 ** k)
+    # fp16 coordinates are embedded in fp32 (type promotion with the fp32 buffer)
+    assert emb(x.half()).dtype == torch.float32
+    padded = fourier_features(x.float(), emb.frequencies, out_dtype=torch.bfloat16, pad_to=56)
+    assert padded.shape == (1, 56) and padded.dtype == torch.bfloat16
+    assert torch.all(padded[:, 51:] == 0)
+    assert torch.allclose(fourier_frequencies(3, True), torch.tensor([1.0, 2.0, 4.0]) * torch.pi)
+
+
+# --------------------------------------------------------------------------- encoder
+
+def test_encoder_sizes_follow_official_arithmetic():
+    s = vae_mod.encoder_sizes(4096, 20, 81920, 0)
+    assert (s.num_input, s.num_query) == (81920, 4096)
+    s = vae_mod.encoder_sizes(32, 20, 1024, 0)
+    assert (s.num_input, s.num_query) == (640, 32)
+    s = vae_mod.encoder_sizes(24, 20, 1024, 0)
+    assert (s.num_input, s.num_query) == (480, 24)
+    assert vae_mod.encoder_sizes(1024, 20, 81920, 0).num_query == 1024
+
+
+def test_fps_start_is_truncated_product_and_in_range():
+    u = torch.tensor([0.0, 0.5, 0.999, 1 - 2 ** -24])
+    s = vae_mod.fps_start_from_uniform(u, 81920)
+    assert s.tolist()[:3] == [0, 40960, int(0.999 * 81920)]
+    assert s[3] == 81919
+
+
+def _surface(b, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xyz = torch.rand(b, n, 3, generator=g) * 1.6 - 0.8
+    nrm = torch.nn.functional.normalize(torch.randn(b, n, 3, generator=g), dim=-1)
+    return torch.cat([xyz, nrm, torch.zeros(b, n, 1)], dim=-1)
+
+
+def test_fps_reproduces_recorded_picks():
+    from turbopart.golden import load_case
+    from turbopart.golden.shapevae import load_vae, recorded_fps
+    case = load_case(case_path("shapevae"))
+    model = load_vae(case.config, case.prefixed("weight."))
+    surf = case.input("surface")
+    picks = recorded_fps(case.rng("encode.fps_index"), 1, 640)
+    s = model.encoder.sample(surf[..., :3], case.rng("encode.randperm"), picks[:, 0])
+    assert torch.equal(s.query_idx, picks)
+    assert torch.equal(s.input_idx, case.rng("encode.randperm")[:640])
+
+
+def test_shared_object_encoding_equals_per_copy_encoding():
+    """The object encoder shares ln_2/c_kv over copies; the result equals K separate runs."""
+    model = _random_vae()
+    surf = _surface(1, 1024)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(1024, generator=g)
+    start = torch.tensor([5, 77, 301])
+    shared = model.encode_shape(surf, perm, start)
+    copies = model.encode_shape(surf.expand(3, -1, -1), perm, start)
+    single = torch.cat([model.encode_shape(surf, perm, start[i:i + 1]) for i in range(3)])
+    assert shared.shape == (3, 32, 32)
+    torch.testing.assert_close(shared, copies, rtol=0, atol=2e-6)
+    torch.testing.assert_close(shared, single, rtol=0, atol=2e-6)
+    # grouping the batch (memory-bounded) does not change anything
+    sampled = model.encoder.sample(surf.expand(3, -1, -1)[..., :3], perm, start)
+    grouped = model.encoder(surf.expand(3, -1, -1).contiguous(), sampled, torch.float32,
+                            max_batch=1)
+    torch.testing.assert_close(grouped, copies, rtol=0, atol=2e-6)
+
+
+def test_encode_draws_from_generator_deterministically():
+    model = _random_vae()
+    surf = _surface(2, 1024)
+    a = model.encode(surf, sample_posterior=True, generator=torch.Generator().manual_seed(1))
+    b = model.encode(surf, sample_posterior=True, generator=torch.Generator().manual_seed(1))
+    c = model.encode(surf, sample_posterior=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (2, 32, 8)
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError):
+        model.encode_shape(_surface(1, 1000))
+
+
+# --------------------------------------------------------------------------- query API
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_api_equals_module_forward(dtype):
+    model = _random_vae(dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    dec = model.decode(torch.randn(3, 32, 8, generator=g).to(dtype))
+    pts = torch.rand(3, 3000, 3, generator=g) * 2.02 - 1.01
+    ref = model.query_geometry(pts, dec)
+    kv = model.geo_decoder.precompute_kv(dec)
+    assert kv.k.shape == (3, 4, 32, 8) and kv.dtype == dtype
+    for rows in (1024, 2500, 100000):
+        out = model.geo_decoder.query(pts, kv, max_rows=rows)
+        assert out.shape == (3, 3000) and out.dtype == dtype
+        assert torch.equal(out, ref)
+    packed = model.geo_decoder.query_packed(pts[:, :1500].reshape(-1, 3), [1500] * 3, kv,
+                                            max_rows=1024)
+    assert torch.equal(packed.view(3, -1), ref[:, :1500])
+    # one query set shared by all parts (the coarse grid)
+    shared = model.geo_decoder.query(pts[:1], kv, max_rows=2048)
+    per = torch.cat([model.query_geometry(pts[:1], dec[i:i + 1]) for i in range(3)])
+    tol = 0 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(shared.float(), per.float(), rtol=0, atol=max(tol, 1e-6))
+    # coordinate dtype sets the Fourier precision as officially (fp16 -> fp32, fp64 -> fp64)
+    for cd in (torch.float16, torch.float64):
+        assert torch.equal(model.geo_decoder.query(pts.to(cd), kv),
+                           model.query_geometry(pts.to(cd), dec))
+
+
+def test_geometry_decoder_without_ln_post_and_with_downsample():
+    p = dict(vae_mod.tiny_params(), geo_decoder_ln_post=False, geo_decoder_downsample_ratio=2)
+    model = _random_vae(p)
+    keys = set(model.state_dict())
+    assert "geo_decoder.latents_proj.weight" in keys
+    assert not any(k.startswith("geo_decoder.ln_post") for k in keys)
+    assert not any("geo_decoder.cross_attn_decoder.attn.attention" in k for k in keys)
+    g = torch.Generator().manual_seed(0)
+    dec = model.decode(torch.randn(2, 32, 8, generator=g))
+    pts = torch.rand(2, 500, 3, generator=g) * 2 - 1
+    kv = model.geo_decoder.precompute_kv(dec)
+    assert torch.equal(model.geo_decoder.query(pts, kv), model.query_geometry(pts, dec))
+
+
+@needs_gpu
+def test_query_api_on_cuda_matches_forward():
+    model = _random_vae().cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dec = model.decode(torch.randn(2, 32, 8, generator=g, device="cuda"))
+    assert dec.dtype == torch.bfloat16  # the official autocast output
+    pts = torch.rand(2, 5000, 3, generator=g, device="cuda", dtype=torch.float64) * 2 - 1
+    kv = model.geo_decoder.precompute_kv(dec)
+    out = model.geo_decoder.query(pts, kv, max_rows=2048)
+    ref = model.query_geometry(pts, dec)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.02)
+    shared = model.geo_decoder.query(pts[:1].half(), kv)
+    assert shared.shape == (2, 5000)
+
+
+def test_chunked_key_value_side_is_identical():
+    from turbopart.xpart.vae_blocks import ResidualCrossAttentionBlock
+    blk = ResidualCrossAttentionBlock(32, 4, qkv_bias=False, qk_norm=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        x = torch.randn(2, 1000, 32, generator=g)
+        whole = blk.kv(x, torch.float32)
+        parts = blk.kv(x, torch.float32, rows=77)
+    assert whole.k.shape == (2, 4, 1000, 8)
+    assert torch.equal(whole.k, parts.k) and torch.equal(whole.v, parts.v)
