@@ -1,4 +1,5 @@
 import numpy as np
+from conftest import needs_gpu
 import torch
 
 from turbopart.geometry.components import connected_components
@@ -44,3 +45,20 @@ def test_components_ordered_by_smallest_node():
     # nodes 0..6: {0, 4}, {1, 2, 6}, {3}, {5}
     lab = connected_components(7, [4, 2, 6], [0, 1, 2])
     assert lab.tolist() == [0, 1, 1, 2, 0, 3, 1]
+
+
+@needs_gpu
+def test_fps_triton_matches_torch_loop():
+    from turbopart.geometry import fps as fps_mod
+    from turbopart.geometry.fps_triton import fps_triton
+    g = torch.Generator().manual_seed(0)
+    for b, n, k in ((1, 5000, 64), (16, 81920, 512), (3, 20000, 400)):
+        pts = torch.rand(b, n, 3, generator=g).cuda()
+        pts[:, : n // 4] = torch.round(pts[:, : n // 4] * 8) / 8  # exact ties
+        start = torch.randint(0, n, (b,), generator=g).cuda()
+        for ties, init in (("first", 5e4), ("last", float("inf"))):
+            fps_mod.USE_TRITON = False
+            ref = farthest_point_sampling(pts, k, start, ties=ties, init_dist=init)
+            fps_mod.USE_TRITON = True
+            ours = fps_triton(pts, k, start, ties=ties, init_dist=init)
+            assert torch.equal(ours, ref), (b, n, k, ties)

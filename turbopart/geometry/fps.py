@@ -7,12 +7,19 @@ Two official flavours:
 * ``torch_cluster.fps`` (ShapeVAE encoders): running minimum starting at 5e4, start index
   floor(u·n), ties go to the **first** index.
 
-The loop runs ``n_samples`` iterations of a few whole-tensor kernels and never syncs with
-the host (indices stay on the device), so it can be captured in a CUDA graph.
+On CUDA one persistent Triton kernel does all picks (:mod:`.fps_triton`); elsewhere the loop
+runs ``n_samples`` iterations of a few whole-tensor kernels and never syncs with the host.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+from . import fps_triton
+
+#: The one-kernel Triton path on CUDA (``TURBOPART_FPS_TRITON=0`` forces the PyTorch loop).
+USE_TRITON = os.environ.get("TURBOPART_FPS_TRITON", "1") != "0"
 
 
 def farthest_point_sampling(points: torch.Tensor, n_samples: int, start: torch.Tensor | int,
@@ -33,6 +40,9 @@ def farthest_point_sampling(points: torch.Tensor, n_samples: int, start: torch.T
         raise ValueError(f"cannot pick {n_samples} points out of {n}")
     dev = pts.device
     cur = torch.as_tensor(start, device=dev, dtype=torch.long).reshape(-1).expand(b).clone()
+    if USE_TRITON and fps_triton.available(pts):
+        out = fps_triton.fps_triton(pts, n_samples, cur, ties=ties, init_dist=init_dist)
+        return out[0] if squeeze else out
     out = torch.empty(b, n_samples, dtype=torch.long, device=dev)
     dist = torch.full((b, n), init_dist, dtype=torch.float32, device=dev)
     rows = torch.arange(b, device=dev)

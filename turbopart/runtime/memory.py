@@ -12,6 +12,19 @@ T = TypeVar("T")
 DEFAULT_FRACTION = float(os.environ.get("TURBOPART_MEM_FRACTION", "0.6"))
 #: Working budget on the CPU (bytes): chunked code paths stay bounded there too.
 CPU_BUDGET = int(float(os.environ.get("TURBOPART_CPU_BUDGET_GB", "2")) * 2**30)
+#: Ceiling on the GPU memory the process holds (weights + caches + work), bytes.  Every size
+#: chosen through this module keeps ``memory_allocated() + new work`` under it, so the peak
+#: stays near it whatever card runs the job.  ``TURBOPART_GPU_BUDGET_GB`` or
+#: :func:`set_gpu_budget` change it (e.g. more for K/V caches on an 80 GB card).
+GPU_BUDGET = int(float(os.environ.get("TURBOPART_GPU_BUDGET_GB", "10")) * 2**30)
+#: The least any budget returns, so code always makes progress (in small chunks).
+MIN_BUDGET = 64 * 2**20
+
+
+def set_gpu_budget(gigabytes: float | None) -> None:
+    """Set the process-wide GPU memory ceiling (None: no ceiling beyond free memory)."""
+    global GPU_BUDGET
+    GPU_BUDGET = 1 << 62 if gigabytes is None else int(gigabytes * 2**30)
 
 
 def free_bytes(device: torch.device | str) -> int:
@@ -27,11 +40,15 @@ def free_bytes(device: torch.device | str) -> int:
 
 def budget_bytes(device: torch.device | str, fraction: float | None = None,
                  cap: int | None = None) -> int:
-    """A working budget: ``fraction`` of :func:`free_bytes`, optionally capped."""
+    """A working budget: ``fraction`` of :func:`free_bytes`, within :data:`GPU_BUDGET`
+    (less what is allocated now), optionally capped."""
+    device = torch.device(device)
     b = int(free_bytes(device) * (DEFAULT_FRACTION if fraction is None else fraction))
+    if device.type == "cuda":
+        b = min(b, GPU_BUDGET - torch.cuda.memory_allocated(device))
     if cap is not None:
         b = min(b, int(cap))
-    return max(b, 1)
+    return max(b, MIN_BUDGET)
 
 
 def items_that_fit(bytes_per_item: float, device: torch.device | str, *, fixed: float = 0,

@@ -1,0 +1,137 @@
+"""turbopart.mesh: loading (official semantics + clear errors), cleaning, sampling, export."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import trimesh
+
+from conftest import case_path, mesh_path
+from turbopart.cli import UserError
+from turbopart.mesh import (MeshError, clean_mesh, export_parts_glb, load_mesh,
+                            normalize_mesh, normalize_points, part_colors, sample_surface,
+                            split_by_label)
+
+OBJ_TRI = b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n"
+
+
+def _err(path) -> str:
+    with pytest.raises(MeshError) as info:
+        load_mesh(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    assert isinstance(info.value, UserError)
+    return msg
+
+
+def test_load_errors_are_one_clear_line(tmp_path):
+    src = mesh_path("robot_expressive.glb").read_bytes()
+    (tmp_path / "trunc.glb").write_bytes(src[: len(src) // 2])
+    (tmp_path / "empty.glb").write_bytes(b"")
+    (tmp_path / "nan.obj").write_bytes(b"v 0 0 0\nv nan 0 0\nv 0 1 0\nf 1 2 3\n")
+    (tmp_path / "nofaces.obj").write_bytes(b"v 0 0 0\nv 1 0 0\nv 0 1 0\n")
+    (tmp_path / "x.fbx").write_bytes(b"abc")
+    (tmp_path / "flat.obj").write_bytes(b"v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n")
+    assert "truncated or corrupt" in _err(tmp_path / "trunc.glb")
+    assert "empty file" in _err(tmp_path / "empty.glb")
+    assert "NaN" in _err(tmp_path / "nan.obj")
+    assert "no triangle faces" in _err(tmp_path / "nofaces.obj")
+    assert "unsupported file type '.fbx'" in _err(tmp_path / "x.fbx")
+    assert "no such file" in _err(tmp_path / "missing.glb")
+    assert "is a directory" in _err(tmp_path)
+    assert "area is zero" in _err(tmp_path / "flat.obj")
+
+
+def test_load_matches_trimesh_force_mesh():
+    for name in ("robot_expressive.glb", "sheen_chair.glb", "table_lamp.glb"):
+        p = mesh_path(name)
+        ref = trimesh.load(str(p), force="mesh")
+        ours = load_mesh(p)
+        assert np.array_equal(ours.vertices, ref.vertices)
+        assert np.array_equal(ours.faces, ref.faces)
+
+
+def test_load_matches_golden_inputs():
+    from turbopart.golden import load_case
+    case = load_case(case_path("automask"))
+    m = load_mesh(mesh_path("sheen_chair.glb"))
+    assert np.array_equal(m.vertices, case.input("mesh.vertices").numpy())
+    assert np.array_equal(m.faces, case.input("mesh.faces").numpy())
+
+
+def test_xpart_normalize_matches_golden():
+    from turbopart.golden import load_case
+    case = load_case(case_path("automask_xpart"))
+    m, center, scale = normalize_mesh(load_mesh(mesh_path("robot_expressive.glb")))
+    assert np.array_equal(m.vertices, case.input("mesh.vertices").numpy())
+    assert np.array_equal(center, case.input("xpart_normalize.center").numpy())
+    assert scale == float(case.input("xpart_normalize.scale")[0])
+    v = np.asarray(m.vertices)
+    assert np.isclose(np.max(v.max(0) - v.min(0)), 1.6)
+
+
+def test_clean_and_sample_match_golden():
+    from turbopart.golden import load_case
+    for name, rewrap in (("automask", True), ("automask_xpart", False)):
+        case = load_case(case_path(name))
+        m = trimesh.Trimesh(case.input("mesh.vertices").numpy(),
+                            case.input("mesh.faces").numpy(), process=False)
+        c = clean_mesh(m, rewrap_process=rewrap)
+        assert np.array_equal(c.faces, case.outputs["clean.faces"].numpy())
+        assert len(m.faces) == case.input("mesh.faces").shape[0]  # caller's mesh untouched
+        n = case.rng("sample_points").shape[0]
+        pts, fi = sample_surface(c, n, seed=case.meta["seeds"]["sample_surface"])
+        assert pts.dtype == np.float64
+        assert np.array_equal(pts, case.rng("sample_points").numpy())
+        assert np.array_equal(fi, case.rng("sample_face_index").numpy())
+        x, center, scale = normalize_points(pts)
+        assert np.array_equal(center, case.outputs["normalize.center"].numpy())
+        assert scale == float(case.outputs["normalize.scale"][0])
+        assert np.abs(x).max() <= 1.0 + 1e-12
+
+
+def test_clean_rewrap_variants_differ_on_seams():
+    # two triangles sharing an edge whose vertices are duplicated (a UV-like seam)
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], float)
+    f = np.array([[0, 1, 2], [3, 5, 4]])
+    uv = np.array([[0, 0], [1, 0], [0, 1], [0.5, 0], [0, 0.5], [1, 1]])
+    m = trimesh.Trimesh(v, f, visual=trimesh.visual.TextureVisuals(uv=uv), process=False)
+    welded = clean_mesh(m, rewrap_process=True)
+    kept = clean_mesh(m, rewrap_process=False)
+    assert len(welded.vertices) == 4 and len(welded.face_adjacency) == 1
+    assert len(kept.vertices) == 6 and len(kept.face_adjacency) == 0
+
+
+def test_normalize_points_rule():
+    p = np.array([[0.0, 0, 0], [2, 1, 0], [1, 4, 2]])
+    x, c, s = normalize_points(p)
+    assert np.allclose(c, [1, 2, 1]) and s == 2.0
+    assert np.allclose(x, (p - c) / (2 + 1e-10))
+
+
+def test_split_and_export_parts(tmp_path):
+    m = load_mesh(mesh_path("robot_expressive.glb"))
+    lab = (np.arange(len(m.faces)) % 4) - 1          # -1, 0, 1, 2
+    groups = split_by_label(np.asarray(m.vertices), np.asarray(m.faces), lab)
+    assert [g[0] for g in groups] == [-1, 0, 1, 2]
+    assert sum(len(g[2]) for g in groups) == len(m.faces)
+    for label, pv, pf in groups:
+        orig = np.asarray(m.vertices)[np.asarray(m.faces)[lab == label]]
+        assert np.array_equal(pv[pf], orig)
+    out = export_parts_glb(tmp_path / "s.glb", m, lab, part_colors(3))
+    data = out.read_bytes()
+    n = struct.unpack("<I", data[12:16])[0]
+    gltf = json.loads(data[20:20 + n])
+    names = [nd["name"] for nd in gltf["nodes"]]
+    assert names == ["part_000", "part_001", "part_002", "unlabeled"]
+    assert [mt["name"] for mt in gltf["materials"]] == names
+    scene = trimesh.load_scene(str(out))
+    assert sum(len(g.faces) for g in scene.geometry.values()) == len(m.faces)
+
+
+def test_part_colors_distinct():
+    c = part_colors(40)
+    assert c.shape == (40, 4) and c.dtype == np.uint8
+    assert len({tuple(x) for x in c[:, :3]}) == 40
