@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,12 +91,8 @@ def timed(fn, device, repeats: int, warmup: int, first: list | None = None):
     return times, out
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return None
+from turbopart.runtime.profiling import git_commit  # noqa: E402
+
 
 
 # --------------------------------------------------------------------------- inputs

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -263,14 +262,8 @@ def check(k: int, args, device: torch.device) -> dict:
     return res
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                                      text=True).strip()
-        dirty = subprocess.call(["git", "-C", str(ROOT), "diff", "--quiet"]) != 0
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+from turbopart.runtime.profiling import git_commit  # noqa: E402
+
 
 
 def main(argv=None) -> int:

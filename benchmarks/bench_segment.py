@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -117,12 +116,8 @@ def run_once(seg: Segmenter, mesh: Path, args, device) -> dict:
             "prompt_batch": dict(getattr(seg.predictor, "last_batch", {}) or {})}
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
+from turbopart.runtime.profiling import git_commit  # noqa: E402
+
 
 
 def main() -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,12 +137,8 @@ def phases(model, pts, nrm, numerics, device, head) -> dict[str, float]:
         [float((p.neighbours < p.n).sum(1).float().mean()) for p in plans]
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return None
+from turbopart.runtime.profiling import git_commit  # noqa: E402
+
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,6 @@ CPU_BUDGET = int(float(os.environ.get("TURBOPART_CPU_BUDGET_GB", "2")) * 2**30)
 #: stays near it whatever card runs the job.  ``TURBOPART_GPU_BUDGET_GB`` or
 #: :func:`set_gpu_budget` change it (e.g. more for K/V caches on an 80 GB card).
 GPU_BUDGET = int(float(os.environ.get("TURBOPART_GPU_BUDGET_GB", "10")) * 2**30)
-#: The least any budget returns, so code always makes progress (in small chunks).
-MIN_BUDGET = 64 * 2**20
 
 
 def set_gpu_budget(gigabytes: float | None) -> None:
@@ -48,7 +46,7 @@ def budget_bytes(device: torch.device | str, fraction: float | None = None,
         b = min(b, GPU_BUDGET - torch.cuda.memory_allocated(device))
     if cap is not None:
         b = min(b, int(cap))
-    return max(b, MIN_BUDGET)
+    return max(b, 0)
 
 
 def items_that_fit(bytes_per_item: float, device: torch.device | str, *, fixed: float = 0,

@@ -69,3 +69,37 @@ class Profile:
     def write_json(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.as_dict(), f, indent=2)
+
+
+def git_commit() -> str | None:
+    """The source commit: ``$TURBOPART_COMMIT`` (set when the tree travels without .git),
+    else ``git rev-parse HEAD`` of the checkout (+dirty), else None."""
+    import os
+    import subprocess
+    from pathlib import Path
+    env = os.environ.get("TURBOPART_COMMIT")
+    if env:
+        return env
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "--", "turbopart"],
+                               timeout=10).returncode != 0
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """GPU, torch and commit facts every benchmark result records."""
+    import platform
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                            "python": platform.python_version(), "commit": git_commit()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1),
+                    sms=p.multi_processor_count)
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine())
+    return info
