@@ -8,5 +8,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-export TURBOPART_SHARED=${TURBOPART_SHARED:-$PWD/.shared}
+export TURBOPART_SHARED=${TURBOPART_SHARED:-$PWD/shared}
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"

@@ -86,11 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_product_commands(sub) -> None:
     """Commands defined beside the pipeline code (segment, generate, run, bench, ...)."""
-    try:
-        from .commands import register
-    except ImportError:
-        return
+    from .commands import register
+    from .xpart.commands import register as register_xpart
     register(sub)
+    register_xpart(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,7 +321,8 @@ def load_component(path: str | os.PathLike, component: str, *,
             dt.update(dtypes)
         tensors = file.load(wanted.keys(), device, dt, workers=workers)
         module.load_state_dict(tensors, strict=True, assign=True)
-    finish_module(module, device)
+    if isinstance(module, nn.Module):
+        finish_module(module, device)
     return module
 
 

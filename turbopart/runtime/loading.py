@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..weights import COMPONENTS, build, load_component, locate, read_config
+from ..weights import load_component
 from .precision import Numerics
 
 
@@ -37,9 +37,6 @@ def load_components(weights: str | os.PathLike, components: Iterable[str], *,
 
     def one(name: str) -> tuple[str, nn.Module, float]:
         t0 = time.perf_counter()
-        if not COMPONENTS[name].has_weights:  # the scheduler: a config, no module
-            return name, build(name, read_config(locate(weights, name), name),
-                               device="cpu"), time.perf_counter() - t0
         # Threads share one reader pool each; fewer workers per file when loading in parallel.
         m = load_component(weights, name, device=device, numerics=numerics,
                            workers=4 if parallel else 8)

@@ -1,0 +1,258 @@
+"""Hierarchical volume decoding vs a slow, straightforward reference of the official
+``extract_geometry_fast`` (spec xpart §3.5), on analytic fields (logit = k · signed distance,
+positive inside)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import needs_gpu
+from turbopart.xpart import decoding as dec
+
+
+# --------------------------------------------------------------------------- analytic fields
+
+def _sphere(center, radius, slope):
+    c = torch.tensor(center, dtype=torch.float64)
+
+    def f(p):
+        return slope * (radius - (p - c).norm(dim=-1))
+    return f
+
+
+def _box(center, half, slope):
+    c = torch.tensor(center, dtype=torch.float64)
+    h = torch.tensor(half, dtype=torch.float64)
+
+    def f(p):
+        q = (p - c).abs() - h
+        outside = q.clamp(min=0).norm(dim=-1)
+        inside = q.max(dim=-1).values.clamp(max=0)
+        return -slope * (outside + inside)
+    return f
+
+
+def _fields(slope):
+    return [_sphere((0.1, -0.05, 0.0), 0.45, slope),
+            _box((-0.1, 0.2, 0.05), (0.3, 0.15, 0.5), slope),
+            _sphere((0.0, 0.0, 0.0), 0.8, slope)]
+
+
+class Calls:
+    def __init__(self, fields):
+        self.fields = fields
+        self.points = []  # (part, points float64) per call
+
+    def __call__(self, pts, parts):
+        out = []
+        if pts.shape[0] == 1:
+            pts = pts.expand(len(parts), -1, -1)
+        for row, k in zip(pts, parts):
+            p64 = row.to(torch.float64)
+            self.points.append((k, p64))
+            # bf16 logits like the official autocast decoder, returned as float32
+            out.append(self.fields[k](p64).to(torch.bfloat16).float())
+        return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- reference
+
+def _ref_neighbour(t, shift, axis):
+    pad = [0, 0, 0, 0, 0, 0]  # F.pad order: last dim first
+    d = 2 - axis
+    pad[2 * d + (0 if shift < 0 else 1)] = 1
+    p = F.pad(t[None, None].float(), pad, mode="replicate")[0, 0]
+    sl = [slice(None)] * 3
+    sl[axis] = slice(1, None) if shift > 0 else slice(None, -1)
+    return p[tuple(sl)].to(t.dtype)
+
+
+def _ref_mark(grid, level):
+    val = grid + level                      # fp16 tensor + python float -> fp16
+    valid = val > -9000
+    sign = torch.sign(val.float())
+    same = torch.ones_like(valid)
+    for axis in range(3):
+        for shift in (1, -1):
+            nb = _ref_neighbour(val, shift, axis)
+            nb = torch.where(nb > -9000, nb, val)
+            same &= torch.sign(nb.float()) == sign
+    return (~same).int() * valid.int()
+
+
+def _ref_dilate(x):
+    w = torch.ones(1, 1, 3, 3, 3)
+    return F.conv3d(x[None, None].float(), w, padding=1)[0, 0]
+
+
+def reference(field, octree_resolution, *, min_resolution=95, dilate_max=510, bounds=1.01,
+              level=-1 / 512):
+    """The official algorithm written out step by step (one part, slow, float32 dilations)."""
+    res = []
+    r = octree_resolution
+    if r < min_resolution:
+        res.append(r)
+    while r >= min_resolution:
+        res.append(r)
+        r //= 2
+    res.reverse()
+    bmin = np.array([-bounds] * 3)
+    bsize = np.array([bounds] * 3) - bmin
+    ax = np.linspace(-bounds, bounds, res[0] + 1, dtype=np.float32)
+    xs, ys, zs = np.meshgrid(ax, ax, ax, indexing="ij")
+    pts = torch.from_numpy(np.stack((xs, ys, zs), -1).reshape(-1, 3)).half()
+    queries = [pts.double()]
+    g = field(pts.double()).to(torch.bfloat16).half().view(res[0] + 1, res[0] + 1, res[0] + 1)
+    index = None
+    for rr in res[1:]:
+        n = rr + 1
+        step = bsize / rr
+        index = torch.zeros(n, n, n)
+        new = torch.full((n, n, n), float("nan") if rr == res[-1] else -10000.0,
+                         dtype=torch.float16)
+        cur = _ref_mark(g, level)
+        cur = cur + (g.abs() < min(0.95, 0.95 * 128 * 4 / rr)).int()
+        if rr <= dilate_max:
+            cur = _ref_dilate(cur)
+        ci = torch.where(cur > 0)
+        index[ci[0] * 2, ci[1] * 2, ci[2] * 2] = 1
+        index = _ref_dilate(index)
+        nidx = torch.where(index > 0)
+        p = torch.stack(nidx, 1) * torch.tensor(step) + torch.tensor(bmin)
+        queries.append(p)
+        new[nidx] = field(p).to(torch.bfloat16).half()
+        g = new
+    mask = None if index is None else index > 0
+    return g, mask, queries
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_ladder():
+    assert dec.resolution_ladder(512) == [128, 256, 512]
+    assert dec.resolution_ladder(256) == [128, 256]
+    assert dec.resolution_ladder(384) == [96, 192, 384]
+    assert dec.resolution_ladder(64) == [64]
+    assert dec.resolution_ladder(128) == [128]
+    assert dec.resolution_ladder(1024) == [128, 256, 512, 1024]
+
+
+def test_dilate_and_fine_index_match_conv():
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(2, 9, 9, 9, generator=g) > 0.93
+    ref = torch.stack([_ref_dilate(x.int()) > 0 for x in m])
+    assert torch.equal(dec.dilate3(m), ref)
+    for fine in (17, 18):
+        idx = torch.zeros(2, fine, fine, fine)
+        for b in range(2):
+            ci = torch.where(m[b])
+            idx[b][ci[0] * 2, ci[1] * 2, ci[2] * 2] = 1
+        ref = torch.stack([_ref_dilate(x) > 0 for x in idx])
+        assert torch.equal(dec.fine_index(m, fine), ref)
+
+
+def test_mark_matches_reference_with_invalid_values():
+    g = torch.Generator().manual_seed(4)
+    grid = (torch.randn(2, 11, 11, 11, generator=g) * 2).half()
+    grid[0, 3:6, 2:8, 4:9] = -10000.0
+    grid[1, :, 0] = -10000.0
+    grid[1, 5, 5, 5] = 1 / 512  # val == 0 exactly: sign 0
+    ours = dec.near_surface_mark(grid, 256)
+    for b in range(2):
+        ref = _ref_mark(grid[b], -1 / 512) + (grid[b].abs() < 0.95).int()
+        assert torch.equal(ours[b], ref > 0)
+
+
+def _rows(points):
+    """Rows sorted lexicographically (compares query *sets*, bit for bit)."""
+    a = points.numpy()
+    return a[np.lexsort(a.T[::-1])]
+
+
+@pytest.mark.parametrize("slope", [4.0, 30.0, 400.0])
+def test_hierarchy_matches_reference_small(slope):
+    fields = _fields(slope)
+    calls = Calls(fields)
+    out = dec.decode_volumes(calls, [0, 1, 2], 64, chunk=5000, min_resolution=15,
+                             dilate_max_resolution=40)
+    assert out.ladder == [16, 32, 64]
+    for k in range(3):
+        g, mask, queries = reference(fields[k], 64, min_resolution=15, dilate_max=40)
+        assert torch.equal(out.mask[k], mask)
+        assert torch.equal(torch.isnan(out.grid[k]), torch.isnan(g))
+        ok = ~torch.isnan(g)
+        assert torch.equal(out.grid[k][ok], g[ok])
+        for lvl, q in enumerate(queries):
+            assert out.queries[lvl][k] == q.shape[0]
+        ours = torch.cat([p for kk, p in calls.points if kk == k])
+        ref = torch.cat(queries)
+        assert ours.shape == ref.shape
+        # identical query sets, coordinates bit for bit (fp16 coarse, float64 fine)
+        assert np.array_equal(_rows(ours), _rows(ref))
+
+
+def test_hierarchy_256_matches_reference():
+    fields = _fields(20.0)[:1]
+    calls = Calls(fields)
+    out = dec.decode_volumes(calls, [0], 256, chunk=1_500_000)
+    g, mask, queries = reference(fields[0], 256)
+    assert out.ladder == [128, 256]
+    assert torch.equal(out.mask[0], mask)
+    ok = ~torch.isnan(g)
+    assert torch.equal(torch.isnan(out.grid[0]), ~ok)
+    assert torch.equal(out.grid[0][ok], g[ok])
+    assert out.queries == [[129 ** 3], [queries[1].shape[0]]]
+    # the band is thin: far fewer queries than the dense 257^3 grid
+    assert queries[1].shape[0] < 0.2 * 257 ** 3
+
+
+def test_single_level_is_dense_fp16_grid():
+    fields = _fields(10.0)[:2]
+    calls = Calls(fields)
+    out = dec.decode_volumes(calls, [0, 1], 32, chunk=7000)
+    assert out.ladder == [32] and out.mask is None
+    g0, _, _ = reference(fields[1], 32)
+    assert torch.equal(out.grid[1], g0)
+    assert out.queries == [[33 ** 3, 33 ** 3]]
+
+
+def test_chunking_does_not_change_results():
+    fields = _fields(50.0)
+    a = dec.decode_volumes(Calls(fields), [0, 1, 2], 64, chunk=997, min_resolution=15)
+    b = dec.decode_volumes(Calls(fields), [0, 1, 2], 64, chunk=10 ** 7, min_resolution=15)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.equal(a.grid.nan_to_num(7.0), b.grid.nan_to_num(7.0))
+    assert a.queries == b.queries
+
+
+def test_dense_decoder_float32_coordinates():
+    f = _sphere((0.0, 0.0, 0.0), 0.5, 3.0)
+    seen = []
+
+    def q(pts, parts):
+        seen.append(pts.dtype)
+        assert pts.shape[0] == 1 and parts == [0]
+        return torch.stack([f(p.double()).float() for p in pts])
+    grid = dec.decode_dense(q, [0], 16)
+    ax = np.linspace(-1.01, 1.01, 17, dtype=np.float32)
+    p = torch.tensor([ax[3], ax[16], ax[0]], dtype=torch.float64)
+    assert grid.shape == (1, 17, 17, 17)
+    assert torch.allclose(grid[0, 3, 16, 0].double(), f(p).float().double())
+    assert seen == [torch.float32]
+
+
+@needs_gpu
+def test_hierarchy_on_gpu_matches_cpu():
+    fields = _fields(20.0)
+
+    class GpuCalls(Calls):
+        def __call__(self, pts, parts):
+            return super().__call__(pts.cpu(), parts).to(pts.device)
+    cpu = dec.decode_volumes(Calls(fields), [0, 1, 2], 256, chunk=3_000_000)
+    gpu = dec.decode_volumes(GpuCalls(fields), [0, 1, 2], 256, device="cuda",
+                             chunk=3_000_000)
+    assert cpu.queries == gpu.queries
+    assert torch.equal(cpu.mask, gpu.mask.cpu())
+    assert torch.equal(cpu.grid.nan_to_num(7.0), gpu.grid.cpu().nan_to_num(7.0))

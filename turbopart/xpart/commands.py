@@ -1,0 +1,547 @@
+"""``turbopart generate``, ``turbopart run`` and ``turbopart bench`` (X-Part commands).
+
+``register(subparsers)`` adds the three sub-commands; :mod:`turbopart.cli` calls it.
+
+* ``generate MESH --boxes BOXES -o OUT``: X-Part for given boxes.
+* ``run [MESH] -o OUT``: P3-SAM segmentation (once), its boxes straight into X-Part.  Without
+  MESH the bundled example (a chair built from primitives) is used.
+* ``bench``: the GPU benchmark of the whole pipeline (``benchmarks/bench_pipeline.py``).
+
+Outputs (written to a temporary sibling folder and moved into place at the end, so a failed
+run leaves nothing half-written):
+
+  parts.glb             one named, coloured node per generated part (part_000, ...)
+  parts/part_XXX.glb    every part on its own
+  exploded.glb          parts moved 0.2 units outward from the common centre (official
+                        explode_mesh)
+  boxes.glb             the input mesh and the box outlines
+  parts.json            per part: id, box, faces, vertices, area, decoder queries; the
+                        settings, the timings and the peak GPU memory
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GENERATE_HELP = """\
+Generate one mesh per box with X-Part (the official PartFormerPipeline, fast).
+
+BOXES is a JSON file: the parts.json of `turbopart segment` / `turbopart run` (its parts'
+"aabb" or "box"), or a plain list of boxes [[minx, miny, minz], [maxx, maxy, maxz]], in the
+coordinates of MESH.  Boxes that contain no face of the mesh are dropped.
+"""
+
+RUN_HELP = """\
+Segment a mesh into parts with P3-SAM, then regenerate every part with X-Part.  The
+segmentation runs once and its boxes go straight into X-Part.  Without MESH the bundled
+example object (a chair made of primitives) is used.
+"""
+
+OUTPUT_HELP = """
+Writes into OUT:
+  parts.glb           generated parts, one named coloured node per part
+  parts/part_XXX.glb  every part on its own
+  exploded.glb        parts moved 0.2 units away from the common centre
+  boxes.glb           the input mesh with the box outlines
+  parts.json          per part: id, box, faces, vertices, area; settings, timings, memory
+
+Presets (steps / final grid): quality 50 / 512 (the official defaults), balanced 30 / 384,
+fast 20 / 256.  --steps and --octree-resolution override the preset.
+
+Weights: --weights DIR, $TURBOPART_WEIGHTS or the Hugging Face cache; `turbopart weights
+download` fetches tencent/Hunyuan3D-Part.  --weights random builds full-size RANDOM weights
+once (cached in ~/.cache/turbopart/random-realistic; random:plain for the plain init): the
+output is noise, for trying the tool and for benchmarks only.
+"""
+
+BENCH_HELP = """\
+Benchmark the whole pipeline on the GPU with full-size random weights (built once if
+needed): start-up (fresh process), segmentation, conditioner, sampling loop, volume
+decoding, marching cubes, clean-up and export, work counts and rates, peak GPU memory and
+GPU utilisation, in exact and fast numerics at K = 8 and K = 24 boxes on sheen_chair.glb.
+Prints a table next to the official baseline and writes benchmarks/results/*.json.
+"""
+
+
+# --------------------------------------------------------------------------- parsers
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="output folder (created; files of the same names are replaced)")
+    p.add_argument("--preset", choices=sorted(PRESET_NAMES), default="quality",
+                   help="quality (official: 50 steps, grid 512), balanced (30, 384) or "
+                        "fast (20, 256); default quality")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="diffusion steps (official 50)")
+    p.add_argument("--octree-resolution", type=int, default=None, metavar="R",
+                   help="final decoding grid (official 512; coarse-to-fine from 128)")
+    p.add_argument("--max-parts", type=int, default=None, metavar="N",
+                   help="at most N parts (X-Part handles up to 50; run: smaller parts are "
+                        "merged by the segmentation; generate: the largest N boxes are kept)")
+    p.add_argument("--seed", type=int, default=42, metavar="S",
+                   help="random seed (surface sampling, noise, part embeddings); official 42")
+    num = p.add_mutually_exclusive_group()
+    num.add_argument("--exact", dest="numerics", action="store_const", const="exact",
+                     help="the official arithmetic (fp32 weights, bf16 autocast)")
+    num.add_argument("--fast", dest="numerics", action="store_const", const="fast",
+                     help="bf16 weights, fused kernels, CUDA graphs (default)")
+    p.add_argument("--device", default=None, metavar="cuda|cpu",
+                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("--weights", default=None, metavar="DIR|random",
+                   help="checkpoint folder (default: $TURBOPART_WEIGHTS, then the Hugging "
+                        "Face cache); 'random' = full-size random weights (noise output)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="also write timings, counters and memory as JSON to FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(numerics="fast")
+
+
+PRESET_NAMES = ("quality", "balanced", "fast")
+
+
+def register(subparsers) -> None:
+    g = subparsers.add_parser(
+        "generate", help="generate one mesh per box (X-Part)",
+        description=GENERATE_HELP + OUTPUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("mesh", metavar="MESH", help="mesh file (.glb .gltf .obj .ply .stl .off)")
+    g.add_argument("--boxes", required=True, metavar="BOXES",
+                   help="JSON boxes (a parts.json, or [[min xyz], [max xyz]] per box)")
+    _common(g)
+    g.set_defaults(func=cmd_generate)
+
+    r = subparsers.add_parser(
+        "run", help="segment (P3-SAM) then generate every part (X-Part)",
+        description=RUN_HELP + OUTPUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("mesh", metavar="MESH", nargs="?", default=None,
+                   help="mesh file (default: the bundled example chair)")
+    _common(r)
+    r.add_argument("--points", type=int, default=100000, metavar="N",
+                   help="segmentation: surface points (official 100000)")
+    r.add_argument("--prompts", type=int, default=400, metavar="N",
+                   help="segmentation: point prompts (official 400)")
+    r.set_defaults(func=cmd_run)
+
+    b = subparsers.add_parser("bench", help="benchmark the whole pipeline on the GPU",
+                              description=BENCH_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod = _bench_module()
+    if mod is not None:
+        mod.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def resolve_settings(args) -> dict[str, Any]:
+    from ..cli import UserError
+    from .pipeline import PRESETS
+    preset = PRESETS[args.preset]
+    steps = args.steps if args.steps is not None else preset["steps"]
+    octree = args.octree_resolution if args.octree_resolution is not None \
+        else preset["octree_resolution"]
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
+    if octree < 16:
+        raise UserError("--octree-resolution must be at least 16")
+    if args.max_parts is not None and not 1 <= args.max_parts <= 50:
+        raise UserError("--max-parts must be between 1 and 50")
+    return {"steps": steps, "octree_resolution": octree, "preset": args.preset}
+
+
+RANDOM_INITS = ("realistic", "plain")
+
+
+def resolve_weights(spec: str | None, *, progress: bool = True) -> Path:
+    """``--weights``: a folder, None (resolve rules), or ``random[:init]`` (built once)."""
+    from .. import weights as W
+    if spec is None or not str(spec).startswith("random"):
+        return W.resolve(spec)
+    init = str(spec).partition(":")[2] or "realistic"
+    if init not in RANDOM_INITS:
+        from ..cli import UserError
+        raise UserError(f"--weights {spec}: use random, random:realistic or random:plain")
+    return random_weights(init, progress=progress)
+
+
+def random_weights(init: str = "realistic", *, progress: bool = True,
+                   cache: str | os.PathLike | None = None) -> Path:
+    """Full-size random weights in ``~/.cache/turbopart/random-<init>`` (written once)."""
+    import torch
+
+    from .. import weights as W
+    root = Path(cache) if cache else Path(os.environ.get(
+        "TURBOPART_CACHE", Path.home() / ".cache" / "turbopart"))
+    path = root / f"random-{init}"
+    banner = ("!" * 78 + "\n!!  RANDOM WEIGHTS: the models are untrained, every output is NOISE.  "
+              "For\n!!  trying the tool and for benchmarks only.  Real weights: "
+              "`turbopart weights\n!!  download` (tencent/Hunyuan3D-Part).\n" + "!" * 78)
+    print(banner, file=sys.stderr, flush=True)
+    if (path / ".complete").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"writing full-size random weights ({init} init, about 9.5 GB) to {path} ...",
+          file=sys.stderr, flush=True)
+    try:
+        W.write_random(tmp, init=init, device=dev, progress=progress)
+        (tmp / ".complete").write_text("turbopart random weights\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _device(spec: str | None):
+    import torch
+
+    from ..cli import UserError
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec}: not a device (use cuda, cuda:N or cpu)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return dev
+
+
+def read_boxes(path: str | os.PathLike) -> np.ndarray:
+    """Boxes ``[K, 2, 3]`` from a JSON file (see GENERATE_HELP)."""
+    from ..cli import UserError
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{p}: not a JSON file ({exc})") from None
+    items = data
+    if isinstance(data, dict):
+        items = data.get("parts", data.get("boxes"))
+        if items is None:
+            raise UserError(f"{p}: no 'parts' or 'boxes' list")
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{p}: no boxes")
+    boxes = []
+    for i, it in enumerate(items):
+        b = it
+        if isinstance(it, dict):
+            b = it.get("aabb", it.get("box", it.get("bbox")))
+        if isinstance(b, dict):
+            b = [b.get("min"), b.get("max")]
+        try:
+            arr = np.asarray(b, dtype=np.float64)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.shape != (2, 3) or not np.all(np.isfinite(arr)):
+            raise UserError(f"{p}: box {i} is not [[minx, miny, minz], [maxx, maxy, maxz]]")
+        if np.any(arr[1] < arr[0]):
+            raise UserError(f"{p}: box {i} has max < min")
+        boxes.append(arr)
+    return np.stack(boxes)
+
+
+def limit_boxes(boxes: np.ndarray, max_parts: int | None) -> np.ndarray:
+    """Keep the ``max_parts`` largest boxes (by volume; ties: input order), input order."""
+    if max_parts is None or len(boxes) <= max_parts:
+        return boxes
+    vol = np.prod(boxes[:, 1] - boxes[:, 0], axis=1)
+    keep = np.sort(np.argsort(-vol, kind="stable")[:max_parts])
+    print(f"turbopart: keeping the {max_parts} largest of {len(boxes)} boxes (--max-parts)",
+          file=sys.stderr)
+    return boxes[keep]
+
+
+class Output:
+    """A temporary folder beside OUT, moved into place by :meth:`commit`."""
+
+    def __init__(self, dest: str | os.PathLike):
+        from ..cli import UserError
+        self.dest = Path(dest)
+        if self.dest.exists() and not self.dest.is_dir():
+            raise UserError(f"{self.dest}: exists and is not a folder")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+
+    def path(self, name: str) -> Path:
+        p = self.tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def commit(self) -> Path:
+        if not self.dest.exists():
+            os.replace(self.tmp, self.dest)
+            return self.dest
+        for item in self.tmp.iterdir():
+            target = self.dest / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        self.tmp.rmdir()
+        return self.dest
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_outputs(out: Output, result, mesh, boxes: np.ndarray, info: dict[str, Any]) -> None:
+    """parts.glb, parts/part_XXX.glb, exploded.glb, boxes.glb, parts.json (the GLB files are
+    serialised in parallel threads: NumPy releases the GIL on the big arrays)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .pipeline import boxes_scene, parts_scene
+    colors = [p.color for p in result.parts] if len(result.parts) == len(boxes) else None
+    jobs = {"parts.glb": result.scene, "exploded.glb": result.exploded,
+            "boxes.glb": lambda: boxes_scene(mesh, boxes, colors)}
+    for p in result.parts:
+        if p.ok:
+            jobs[f"parts/{p.name}.glb"] = (lambda p=p: parts_scene([p]))
+
+    def export(item):
+        name, make = item
+        return name, make().export(file_type="glb")
+    with ThreadPoolExecutor(min(8, len(jobs))) as pool:
+        for name, data in pool.map(export, jobs.items()):
+            out.path(name).write_bytes(data)
+    with open(out.path("parts.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def _peak_gpu(device) -> dict[str, float | None]:
+    import torch
+    if device.type != "cuda":
+        return {"peak_gpu_allocated_gb": None, "peak_gpu_reserved_gb": None}
+    return {"peak_gpu_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def _summary(timings: dict[str, float], memory: dict[str, Any], parts: int, faces: int
+             ) -> str:
+    width = max(len(k) for k in timings) if timings else 5
+    lines = [f"  {k:<{width}}  {v:8.2f} s" for k, v in timings.items()]
+    if memory.get("peak_gpu_allocated_gb") is not None:
+        lines.append(f"  {'peak GPU memory':<{width}}  {memory['peak_gpu_allocated_gb']:8.2f} GB")
+    return f"{parts} parts, {faces} faces\n" + "\n".join(lines)
+
+
+def _report(result, *, command: str, source: str, mesh, settings: dict, timings: dict,
+            memory: dict, extra: dict | None = None) -> dict[str, Any]:
+    from .. import __version__
+    from ..mesh import mesh_info
+    parts = []
+    for p in result.parts:
+        d = p.info()
+        d["aabb"] = {"min": d["box"][0], "max": d["box"][1]}
+        parts.append(d)
+    skipped = [p.box_index for p in result.parts if not p.ok]
+    info = {"turbopart_version": __version__, "command": command, "source": source,
+            "mesh": mesh_info(mesh), "settings": {**settings, **result.settings},
+            "num_parts": sum(p.ok for p in result.parts), "parts": parts,
+            "skipped_boxes_no_surface": skipped, "dropped_boxes_no_faces": result.dropped_boxes,
+            "counters": result.counters, "timings_s": {k: round(v, 6) for k, v in timings.items()},
+            "memory": memory}
+    if extra:
+        info.update(extra)
+    return info
+
+
+def _finish(args, out: Output, result, mesh, boxes, info, timings) -> int:
+    from ..cli import UserError
+    if not any(p.ok for p in result.parts):
+        raise UserError("X-Part produced no surface for any part; nothing written")
+    t0 = time.perf_counter()
+    write_outputs(out, result, mesh, boxes, info)
+    timings["export"] = time.perf_counter() - t0
+    info["timings_s"]["export"] = round(timings["export"], 6)
+    with open(out.path("parts.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    dest = out.commit()
+    if args.profile:
+        with open(args.profile, "w") as f:
+            json.dump({"timings_s": timings, "memory": info["memory"],
+                       "counters": info["counters"], "settings": info["settings"]}, f,
+                      indent=2)
+    faces = sum(p["faces"] for p in info["parts"])
+    print(f"wrote {dest}: " + _summary(timings, info["memory"], info["num_parts"], faces))
+    return 0
+
+
+def _load_pipeline(args, device, weights: Path):
+    from .pipeline import XPartPipeline
+    return XPartPipeline.from_pretrained(weights, device=device, numerics=args.numerics)
+
+
+def surface_points_of(weights: Path) -> int:
+    """The conditioner encoders' pc_size from its config.json (81 920 for the release)."""
+    from .. import weights as W
+    from .preprocess import SURFACE_POINTS
+    try:
+        cfg = W.read_config(W.locate(weights, "conditioner"), "conditioner")
+        geo = cfg.get("params", cfg)["geo_cfg"]["params"]["local_geo_cfg"]["params"]
+        return int(geo.get("pc_size", SURFACE_POINTS))
+    except Exception:
+        return SURFACE_POINTS
+
+
+def _own_copy(mesh):
+    """A private copy for a worker thread (trimesh caches are not thread-safe)."""
+    import trimesh
+    return trimesh.Trimesh(vertices=np.array(mesh.vertices), faces=np.array(mesh.faces),
+                           process=False)
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_generate(args) -> int:
+    from ..mesh import load_mesh
+    settings = resolve_settings(args)
+    mesh = load_mesh(args.mesh)
+    boxes = limit_boxes(read_boxes(args.boxes), args.max_parts)
+    device = _device(args.device)
+    out = Output(args.out)
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .preprocess import object_inputs
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        weights = resolve_weights(args.weights, progress=not args.quiet)
+        with ThreadPoolExecutor(1) as pool:  # object surface while the models load
+            fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed,
+                               surface_points_of(weights))
+            pipe = _load_pipeline(args, device, weights)
+            timings["load"] = time.perf_counter() - t0
+            obj = fobj.result()
+        result = pipe(mesh, boxes, steps=settings["steps"],
+                      octree_resolution=settings["octree_resolution"], seed=args.seed,
+                      progress=not args.quiet, obj=obj)
+        timings.update(result.timings)
+        info = _report(result, command="generate", source=str(args.mesh), mesh=mesh,
+                       settings=settings, timings=timings, memory=_peak_gpu(device),
+                       extra={"load_s": pipe.load_timings})
+        return _finish(args, out, result, mesh, boxes[result_valid(result, boxes)], info,
+                       timings)
+    except BaseException:
+        out.discard()
+        raise
+
+
+def result_valid(result, boxes: np.ndarray) -> np.ndarray:
+    keep = np.ones(len(boxes), dtype=bool)
+    keep[result.dropped_boxes] = False
+    return keep
+
+
+def cmd_run(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..cli import UserError
+    from ..mesh import load_mesh
+    settings = resolve_settings(args)
+    if args.points < 1 or args.prompts < 1:
+        raise UserError("--points and --prompts must be at least 1")
+    if args.prompts > args.points:
+        raise UserError("--prompts cannot exceed --points")
+    if args.mesh is None:
+        from ..examples import example_mesh
+        mesh, source = example_mesh("chair"), "example:chair"
+    else:
+        mesh, source = load_mesh(args.mesh), str(args.mesh)
+    device = _device(args.device)
+    out = Output(args.out)
+    try:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        weights = resolve_weights(args.weights, progress=not args.quiet)
+        from ..p3sam.segmenter import Segmenter
+        from .pipeline import XPartPipeline
+        with ThreadPoolExecutor(2) as pool:  # both models load at once, onto the device
+            fs = pool.submit(Segmenter.from_pretrained, weights, device=device,
+                             numerics=args.numerics)
+            fx = pool.submit(XPartPipeline.from_pretrained, weights, device=device,
+                             numerics=args.numerics)
+            seg_model, pipe = fs.result(), fx.result()
+        timings["load"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        max_parts = min(args.max_parts or pipe.max_parts, pipe.max_parts)
+        kw = {}
+        params = inspect.signature(seg_model.segment).parameters
+        if "normalize" in params:
+            kw["normalize"] = True  # official X-Part: P3-SAM runs on the normalised mesh
+        with ThreadPoolExecutor(1) as pool:  # X-Part's object surface while P3-SAM runs
+            fobj = pool.submit(pipe.object_inputs, _own_copy(mesh), args.seed)
+            seg = seg_model.segment(mesh, points=args.points, prompts=args.prompts,
+                                    max_parts=max_parts, seed=args.seed, variant="xpart",
+                                    progress=not args.quiet, **kw)
+            timings["segmentation"] = time.perf_counter() - t0
+            obj = fobj.result()
+        if seg.num_parts == 0:
+            raise UserError("segmentation found no parts")
+        # P3-SAM's boxes (input frame, float64) are min/max of the cleaned mesh's vertices;
+        # X-Part normalises them in float64 and samples the parts from that cleaned mesh,
+        # as the official pipeline does when P3-SAM runs inside it.
+        result = pipe(mesh, seg.boxes, steps=settings["steps"],
+                      octree_resolution=settings["octree_resolution"], seed=args.seed,
+                      official_float32_boxes=False, part_mesh=seg.mesh,
+                      progress=not args.quiet, obj=obj)
+        timings.update(result.timings)
+        seg_info = {"parts": seg.num_parts, "timings_s": seg.timings,
+                    "unlabeled_faces": seg.unlabeled_faces,
+                    "settings": getattr(seg, "settings", {})}
+        info = _report(result, command="run", source=source, mesh=mesh, settings=settings,
+                       timings=timings, memory=_peak_gpu(device),
+                       extra={"segmentation": seg_info, "load_s": pipe.load_timings})
+        return _finish(args, out, result, mesh, seg.boxes[result_valid(result, seg.boxes)],
+                       info, timings)
+    except BaseException:
+        out.discard()
+        raise
+
+
+def _bench_script() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "bench_pipeline.py"
+
+
+def _bench_module():
+    """``benchmarks/bench_pipeline.py`` of the source checkout (None when not there)."""
+    script = _bench_script()
+    if not script.is_file():
+        return None
+    import importlib.util
+    name = "turbopart_bench_pipeline"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cmd_bench(args) -> int:
+    from ..cli import UserError
+    mod = _bench_module()
+    if mod is None:
+        raise UserError(f"turbopart bench needs the source checkout ({_bench_script()} "
+                        "not found)")
+    return int(mod.run(args) or 0)
