@@ -34,7 +34,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -204,12 +203,8 @@ def agreement(ref: P.PromptPredictions, out: P.PromptPredictions) -> dict[str, f
     }
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return None
+from turbopart.runtime.profiling import git_commit  # noqa: E402
+
 
 
 def main(argv=None) -> int:
