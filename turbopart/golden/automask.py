@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from . import Case, Check, compare_tensor
 from ..p3sam.automask import AutomaskConfig, prepare_points, run_automask
 from ..mesh import clean_mesh
+from ..metrics import best_matching
 
 AGREEMENT = 0.995
 BOX_TOL = 1e-4
@@ -170,32 +171,6 @@ def run(case: Case) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- comparison
-
-def best_matching(ours: np.ndarray, ref: np.ndarray) -> tuple[dict[int, int], int]:
-    """One-to-one label matching ref → ours maximising the number of agreeing faces.
-
-    Returns ({ref label: our label}, agreeing faces).  Negative labels (-1/-2) are kept as
-    they are (matched only to themselves)."""
-    ours = np.asarray(ours).astype(np.int64)
-    ref = np.asarray(ref).astype(np.int64)
-    ru, ri = np.unique(ref, return_inverse=True)
-    ou, oi = np.unique(ours, return_inverse=True)
-    cont = np.zeros((ru.size, ou.size), dtype=np.int64)
-    np.add.at(cont, (ri.reshape(-1), oi.reshape(-1)), 1)
-    neg_r = ru < 0
-    neg_o = ou < 0
-    # forbid matching an unlabeled value to a part or to another unlabeled value
-    weight = cont.copy()
-    weight[neg_r[:, None] | neg_o[None, :]] = 0
-    for a in np.flatnonzero(neg_r):
-        b = np.flatnonzero(ou == ru[a])
-        if b.size:
-            weight[a, b] = cont[a, b]
-    r, c = linear_sum_assignment(-weight)
-    mapping = {int(ru[a]): int(ou[b]) for a, b in zip(r, c) if weight[a, b] > 0}
-    agree = int(sum(weight[a, b] for a, b in zip(r, c)))
-    return mapping, agree
-
 
 def _cmp_face_labels(case: Case, ours, ref) -> Check:
     ours = np.asarray(torch.as_tensor(ours).cpu()).reshape(-1)
