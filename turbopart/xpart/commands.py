@@ -75,8 +75,9 @@ Prints a table next to the official baseline and writes benchmarks/results/*.jso
 # --------------------------------------------------------------------------- parsers
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", required=True, metavar="OUT",
-                   help="output folder (created; files of the same names are replaced)")
+    p.add_argument("-o", "--out", default=None, metavar="OUT",
+                   help="output folder (created; files of the same names are replaced); "
+                        "default: ./<mesh name>_parts")
     p.add_argument("--preset", choices=sorted(PRESET_NAMES), default="quality",
                    help="quality (official: 50 steps, grid 512), balanced (30, 384) or "
                         "fast (20, 256); default quality")
@@ -411,13 +412,18 @@ def _own_copy(mesh):
 
 # --------------------------------------------------------------------------- commands
 
+def default_out(out, mesh) -> str:
+    """``-o`` if given, else ``./<mesh stem>_parts``."""
+    return out if out else f"{Path(str(mesh)).stem}_parts"
+
+
 def cmd_generate(args) -> int:
     from ..mesh import load_mesh
     settings = resolve_settings(args)
     mesh = load_mesh(args.mesh)
     boxes = limit_boxes(read_boxes(args.boxes), args.max_parts)
     device = _device(args.device)
-    out = Output(args.out)
+    out = Output(default_out(args.out, args.mesh))
     try:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -467,7 +473,7 @@ def cmd_run(args) -> int:
     else:
         mesh, source = load_mesh(args.mesh), str(args.mesh)
     device = _device(args.device)
-    out = Output(args.out)
+    out = Output(default_out(args.out, args.mesh or "example"))
     try:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
