@@ -98,6 +98,30 @@ def register(subparsers) -> None:
     f.add_argument("--out", default=None, metavar="FILE", help="write the report as JSON")
     f.set_defaults(func=cmd_fidelity)
 
+    a = subparsers.add_parser(
+        "app", help="the web app (upload, segment, generate, view, download)",
+        description="Serve the turbopart web app (Gradio; install with pip install -e "
+                    "\".[app]\"). The models load once and stay loaded; requests run one at "
+                    "a time, each in its own output folder.")
+    a.add_argument("--weights", metavar="DIR|random", default=None,
+                   help="checkpoint folder (default: $TURBOPART_WEIGHTS, the HF cache); "
+                        "'random' = full-size random weights (noise output)")
+    a.add_argument("--device", default=None, metavar="cuda|cpu")
+    an = a.add_mutually_exclusive_group()
+    an.add_argument("--exact", dest="numerics", action="store_const", const="exact")
+    an.add_argument("--fast", dest="numerics", action="store_const", const="fast")
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--share", action="store_true", help="a public Gradio link")
+    a.set_defaults(func=cmd_app, numerics="fast")
+
+
+def cmd_app(args) -> int:
+    from .app import serve
+    serve(args.weights, device=args.device, numerics=args.numerics, host=args.host,
+          port=args.port, share=args.share)
+    return 0
+
 
 def cmd_fidelity(args) -> int:
     import json
