@@ -14,7 +14,8 @@ Measured (warm-up, then the median of synchronised runs):
   bytes of the inference subset (``skip_unused``);
 * geometry decoder: ``precompute_kv`` once for K parts, then queries/s for a few million
   queries (fp64 coordinates as the fine levels, fp16 as the coarse grid; per-part and
-  shared-grid layouts), eager and optionally ``torch.compile``d, per SDPA backend;
+  shared-grid layouts), eager (per SDPA backend), optionally ``torch.compile``d, and the
+  fused Triton path (``--fused attention/gemm ...``);
 * resident weights of the three X-Part components (DiT, conditioner subset, VAE decoder) in
   the fast storage dtypes.
 
@@ -47,6 +48,7 @@ from turbopart.runtime.precision import param_dtypes  # noqa: E402
 from turbopart.sonata.features import point_features  # noqa: E402
 from turbopart.xpart import conditioner as cond_mod  # noqa: E402
 from turbopart.xpart.nearest import nearest_neighbors  # noqa: E402
+from turbopart.xpart.vae import ATTN_CHOICES, GEMM_CHOICES, FusedOptions  # noqa: E402
 
 OFFICIAL = {"conditioner_s_k8": 2.219, "decoder_queries_per_s": 9.7e6}
 TARGETS = {"conditioner_ms_per_part": 60.0, "decoder_queries_per_s": 20e6,
@@ -332,27 +334,36 @@ def bench_decoder(args, device, report):
         geo = vae.geo_decoder
         rows = geo.rows_per_chunk(device)
         variants = {}
-        compile_modes = [False] + ([True] if args.compile else [])
-        for comp in compile_modes:
-            geo.compile = comp
+        paths = ["eager"] + (["compile"] if args.compile else []) + \
+            [f"fused {o}" for o in args.fused]
+        for path in paths:
+            geo.compile = path == "compile"
             geo.compile_mode = args.compile_mode
-            for backend in args.sdpa:
+            geo.kernel = "fused" if path.startswith("fused") else path
+            geo.fused_options = None
+            if path.startswith("fused"):
+                attn, gemm = path.split()[1].split("/")
+                geo.fused_options = FusedOptions(attn, gemm)
+            for backend in (args.sdpa if not path.startswith("fused") else ["default"]):
                 for layout, pts in (("fp64 per part", pts64), ("fp16 shared grid", grid16)):
-                    name = f"{'compiled' if comp else 'eager'} / sdpa {backend} / {layout}"
+                    name = f"{path} / sdpa {backend} / {layout}"
                     try:
                         with _backend_ctx(backend):
                             times, out = timed(lambda: geo.query(pts, kv), device,
-                                               args.repeats, 1 if not comp else 2)
+                                               args.repeats, 1 if path != "compile" else 2)
                     except Exception as exc:  # a backend may not support the shapes
                         variants[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                        print(f"    {name:<48} failed: {variants[name]['error']}")
+                        print(f"    {name:<56} failed: {variants[name]['error']}")
                         continue
                     nq = k * pts.shape[1]
                     med = statistics.median(times)
                     variants[name] = {"queries": nq, "median_s": med, "queries_per_s": nq / med,
-                                      "tflops": nq * 25.3e6 / med / 1e12}
-                    print(f"    {name:<48} {nq / med / 1e6:7.2f} M queries/s  "
+                                      "tflops": nq * 25.3e6 / med / 1e12,
+                                      "fell_back": sorted(geo.failed_modes)}
+                    print(f"    {name:<56} {nq / med / 1e6:7.2f} M queries/s  "
                           f"({nq * 25.3e6 / med / 1e12:5.0f} TFLOP/s)")
+        geo.kernel = None
+        geo.fused_options = None
         geo.compile = False
         best = max((v.get("queries_per_s", 0), n) for n, v in variants.items())
         res_all[numerics] = {"vae_decode_s": t_dec, "precompute_kv_s": t_kv,
@@ -383,6 +394,10 @@ def main(argv=None) -> int:
                     choices=[None, "default", "max-autotune-no-cudagraphs"])
     ap.add_argument("--sdpa", nargs="+", default=["default"],
                     choices=["default", "flash", "cudnn", "efficient"])
+    ap.add_argument("--fused", nargs="*", default=["triton/cublas", "triton/gelu", "cudnn/cublas"],
+                    choices=[f"{a}/{g}" for a in ATTN_CHOICES for g in GEMM_CHOICES],
+                    help="fused decoder variants (attention/gemm) to time as well "
+                         "(benchmarks/decoder_variants.py compares them all)")
     ap.add_argument("--skip-conditioner", action="store_true")
     ap.add_argument("--skip-decoder", action="store_true")
     ap.add_argument("--no-graph-fps", action="store_true")

@@ -5,6 +5,15 @@ Run on the GPU (the lead's H100)::
     python benchmarks/bench_dit.py --parts 8 24 --out benchmarks/results/dit-h100.json
     python benchmarks/bench_dit.py --parts 8 --numerics fast --compile      # + torch.compile
     python benchmarks/bench_dit.py --check --parts 8                         # fidelity only
+    python benchmarks/bench_dit.py --parts 8 --cache all --kernels legacy    # per-block path
+    python benchmarks/bench_dit.py --parts 8 --cache all --sdpa cudnn        # pin SDPA backend
+
+``--kernels`` / ``--sdpa`` / ``--kv-layout`` select the fast step (default: the runner's
+environment switches ``TURBOPART_DIT_KERNELS`` / ``TURBOPART_DIT_SDPA`` /
+``TURBOPART_DIT_KV_LAYOUT``; see :mod:`turbopart.xpart.dit_runner`).  ``--cache auto`` sizes
+the K/V cache by the process GPU budget (``TURBOPART_GPU_BUDGET_GB``, 10 by default): use
+``--cache all`` for the all-cached figures.  ``benchmarks/dit_variants.py`` verifies and
+times all variants in one run.
 
 Weights: N(0, 0.02²), biases 0, norm weights 1 (the official baseline's init), built on
 the meta device and materialised directly on the GPU (fp32 for ``exact``, bf16 Linear
@@ -20,7 +29,6 @@ on the same weights and inputs (and of the CUDA-graph step against the eager ste
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -81,20 +89,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
             seen.add(s.data_ptr())
             total += s.nbytes()
     return total
-
-
-def sdpa_context(name: str):
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                       SDPBackend.EFFICIENT_ATTENTION],
-             "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-             "efficient": [SDPBackend.EFFICIENT_ATTENTION]}[name]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # older signature
-        return sdpa_kernel(order)
 
 
 def make_model(numerics: str, device: torch.device, seed: int, config: dict | None = None
@@ -192,19 +186,19 @@ def bench_one(numerics: str, k: int, args, device: torch.device) -> dict:
     cache = args.cache if args.cache is not None else ("none" if numerics == "exact" else "auto")
     cache = int(cache) if str(cache).isdigit() else cache
     graph = None if args.graph == "auto" else args.graph == "on"
-    with sdpa_context(args.sdpa):
-        base = mem.allocated()
-        t0 = time.perf_counter()
-        runner = DiTRunner(model, obj, geo, cache_blocks=cache, cuda_graph=graph,
-                           compile=bool(args.compile and numerics == "fast"),
-                           compile_mode=args.compile_mode, latent_tokens=n)
-        mem.sync()
-        setup_s = time.perf_counter() - t0
-        kv_bytes = mem.allocated() - base
-        mem.reset()
-        t0 = time.perf_counter()
-        times = time_steps(runner, x, idx, args.warmup, args.steps)
-        first_s = time.perf_counter() - t0
+    base = mem.allocated()
+    t0 = time.perf_counter()
+    runner = DiTRunner(model, obj, geo, cache_blocks=cache, cuda_graph=graph,
+                       compile=bool(args.compile and numerics == "fast"),
+                       compile_mode=args.compile_mode, latent_tokens=n,
+                       kernels=args.kernels, sdpa=args.sdpa, kv_layout=args.kv_layout)
+    mem.sync()
+    setup_s = time.perf_counter() - t0
+    kv_bytes = mem.allocated() - base
+    mem.reset()
+    t0 = time.perf_counter()
+    times = time_steps(runner, x, idx, args.warmup, args.steps)
+    first_s = time.perf_counter() - t0
     med = statistics.median(times) / 1e3
     frac = runner.cached_blocks / model.depth
     flops = spec_flops(k, frac)
@@ -222,6 +216,7 @@ def bench_one(numerics: str, k: int, args, device: torch.device) -> dict:
         "resident_weights_gb": wbytes / 1e9, "kv_cache_gb": kv_bytes / 1e9,
         "load_s": load_s, "setup_s": setup_s, "warmup_plus_timed_s": first_s,
         "moe_impl": next((b.moe.impl for b in model.blocks if b.use_moe), None),
+        "config": runner.describe(),
     }
     runner.close()
     del runner, model
@@ -236,22 +231,23 @@ def check(k: int, args, device: torch.device) -> dict:
     cfg, n, s = sizes(args)
     exact = make_model("exact", device, args.seed, cfg)
     x, obj, geo, idx = make_inputs(k, device, args.seed, exact, n, s)
-    with sdpa_context(args.sdpa):
-        ref = DiTRunner(exact, obj, geo, cache_blocks="none", compile=False)(
-            x, 0.37, idx).float()
-        del exact
-        mem.empty()
-        fast = make_model("fast", device, args.seed, cfg)  # same draws, bf16 Linear weights
-        run_g = DiTRunner(fast, obj, geo, cache_blocks="auto", compile=args.compile,
-                          compile_mode=args.compile_mode)
-        out = run_g(x, 0.37, idx).float()
-        cached, graph, compiled = run_g.cached_blocks, run_g.use_graph, \
-            run_g.block_fns is not None
-        run_g.close()
-        del run_g
-        mem.empty()
-        eager = DiTRunner(fast, obj, geo, cache_blocks=cached, cuda_graph=False,
-                          compile=False)(x, 0.37, idx).float()
+    ref = DiTRunner(exact, obj, geo, cache_blocks="none", compile=False)(
+        x, 0.37, idx).float()
+    del exact
+    mem.empty()
+    fast = make_model("fast", device, args.seed, cfg)  # same draws, bf16 Linear weights
+    run_g = DiTRunner(fast, obj, geo, cache_blocks="auto", compile=args.compile,
+                      compile_mode=args.compile_mode, kernels=args.kernels,
+                      sdpa=args.sdpa, kv_layout=args.kv_layout)
+    out = run_g(x, 0.37, idx).float()
+    cached, graph, compiled = run_g.cached_blocks, run_g.use_graph, \
+        run_g.block_fns is not None
+    run_g.close()
+    del run_g
+    mem.empty()
+    eager = DiTRunner(fast, obj, geo, cache_blocks=cached, cuda_graph=False,
+                      compile=False, kernels=args.kernels, sdpa=args.sdpa,
+                      kv_layout=args.kv_layout)(x, 0.37, idx).float()
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     res = {"parts": k, "rel_fro_fast_vs_exact": rel(out, ref),
            "max_abs_rel_fast_vs_exact": float((out - ref).abs().max() / ref.abs().max()),
@@ -280,7 +276,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks (fast)")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    ap.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
+    ap.add_argument("--sdpa", default=None,
+                    help="SDPA backend: auto | cudnn | flash | efficient, or per kind "
+                         "'local=flash,global=cudnn,cross=cudnn' (default: TURBOPART_DIT_SDPA)")
+    ap.add_argument("--kernels", default=None,
+                    help="fast-step kernels: all | none | legacy | comma list of ln,qk,moe "
+                         "(default: TURBOPART_DIT_KERNELS, else all)")
+    ap.add_argument("--kv-layout", default=None, choices=["strided", "contiguous"],
+                    help="layout of per-step cross K/V (default: TURBOPART_DIT_KV_LAYOUT)")
     ap.add_argument("--peak", type=float, default=790.0, help="bf16 peak TFLOP/s for MFU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="only the fast-vs-exact check")
@@ -315,7 +318,7 @@ def main(argv=None) -> int:
     else:
         hdr = (f"{'numerics':<8} {'K':>3} {'step ms':>9} {'TF/step':>8} {'TFLOP/s':>8} "
                f"{'MFU':>6} {'peak GB':>8} {'weights GB':>10} {'KV GB':>7} {'cached':>6} "
-               f"{'graph':>5} {'compiled':>8}")
+               f"{'graph':>5} {'compiled':>8}  config")
         print(hdr, flush=True)
         for num in args.numerics:
             for k in args.parts:
@@ -326,7 +329,7 @@ def main(argv=None) -> int:
                       f"{100 * r['mfu']:>5.1f}% {r['peak_mem_gb']:>8.1f} "
                       f"{r['resident_weights_gb']:>10.2f} {r['kv_cache_gb']:>7.1f} "
                       f"{r['cached_blocks']:>6} {str(r['cuda_graph']):>5} "
-                      f"{str(r['compiled']):>8}", flush=True)
+                      f"{str(r['compiled']):>8}  {r['config']}", flush=True)
         print("official baseline (H100, torch 2.11): 219 ms at K=8, 657 ms at K=24")
     if args.out:
         out = Path(args.out)

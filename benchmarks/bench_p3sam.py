@@ -14,7 +14,8 @@ Timed separately (warm: after ``--warmup`` runs, median of ``--repeats``, CUDA e
 prompt batch / point chunk, the Triton tile choice and a per-kernel breakdown (fast).
 
 ``--variants`` also times the fast-mode options (erf GELU instead of the tanh form, fp32
-per-point terms, the plain-PyTorch bf16 kernel).  ``--agreement`` measures fast vs exact on
+per-point terms, the plain-PyTorch bf16 kernel, the packed 16-bit kernels ``heads=f16`` /
+``heads=bf16x2``; see also ``heads_variants.py``).  ``--agreement`` measures fast vs exact on
 the same (exact) features with a *scaled* random init (weights N(0, clip(1/sqrt(fan_in),
 0.02, 0.2)²), biases 0.05·N, norm weights 1 + 0.1·N: the golden cases' recipe, which gives
 non-degenerate activations, unlike the 0.02 init whose logits are all ≈ 0), with the mask
@@ -300,7 +301,9 @@ def main(argv=None) -> int:
         if numerics == "fast" and args.variants and device.type == "cuda":
             variants = {"erf GELU": dict(approx_gelu=False),
                         "fp32 point terms": dict(fp32_point_terms=True),
-                        "plain torch bf16": dict(kernel="torch")}
+                        "plain torch bf16": dict(kernel="torch"),
+                        "packed f16 (heads=f16)": dict(heads="f16"),
+                        "packed bf16 (heads=bf16x2)": dict(heads="bf16x2")}
             res["variants_s"] = {}
             for vname, kw in variants.items():
                 try:
@@ -340,7 +343,9 @@ def main(argv=None) -> int:
         agree = {}
         kinds = {"fast (default)": {}, "fast erf GELU": dict(approx_gelu=False),
                  "fast fp32 point terms": dict(fp32_point_terms=True),
-                 "fast plain torch": dict(kernel="torch")} if device.type == "cuda" \
+                 "fast plain torch": dict(kernel="torch"),
+                 "fast packed f16": dict(heads="f16"),
+                 "fast packed bf16x2": dict(heads="bf16x2")} if device.type == "cuda" \
             else {"fast (cpu fp32)": {}}
         print("\nagreement with exact (scaled init, same exact features):")
         for name, kw in kinds.items():

@@ -135,8 +135,12 @@ def main() -> int:
     ap.add_argument("--variant", choices=["p3sam", "xpart"], default="p3sam")
     ap.add_argument("--runs", type=int, default=2, help="runs per mesh; the last is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--heads", default=None, choices=["bf16", "f16", "bf16x2"],
+                    help="fused head kernel variant (default: TURBOPART_P3SAM_HEADS / bf16)")
     ap.add_argument("--out", default=None, help="JSON file (e.g. benchmarks/results/x.json)")
     args = ap.parse_args()
+    if args.heads:
+        os.environ["TURBOPART_P3SAM_HEADS"] = args.heads
     device = torch.device(args.device)
     root = None
     meshes = []

@@ -9,6 +9,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests (and the CLI subprocesses they start) neither record a start-up profile in the home
+# cache nor start the weight read-ahead helper.
+os.environ.setdefault("TURBOPART_STARTUP_PROFILE", "0")
+os.environ.setdefault("TURBOPART_PREFETCH", "0")
+
 
 def shared_dir() -> Path | None:
     env = os.environ.get("TURBOPART_SHARED")

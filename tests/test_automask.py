@@ -448,3 +448,37 @@ def test_segmenter_api_with_injected_predictor(variant):
     assert np.array_equal(again.face_labels, res.face_labels)  # deterministic per seed
     few = seg.segment(path, points=4000, prompts=24, variant=variant, seed=5, max_parts=2)
     assert few.num_parts == min(2, n)
+
+
+def test_fix_label_matches_reference_on_closed_and_strip_meshes():
+    """Degree exactly 3 (closed sphere, the 3-slot mode) and <= 2 (a strip), many passes."""
+    rng = np.random.default_rng(7)
+    sphere = trimesh.creation.icosphere(subdivisions=2).faces
+    strip = np.array([[i, i + 1, i + 2] if i % 2 == 0 else [i + 1, i, i + 2]
+                      for i in range(40)])
+    for faces in (sphere, strip, sphere[rng.permutation(len(sphere))]):
+        g = FaceGraph.from_faces(faces)
+        for trial in range(12):
+            lab = rng.integers(0, int(rng.integers(1, 6)), len(faces))
+            lab[rng.random(len(faces)) < rng.uniform(0.3, 0.97)] = -1
+            lab[rng.random(len(faces)) < 0.1] = -2
+            passes = int(rng.integers(1, 60))
+            assert np.array_equal(fix_label(lab, g, passes),
+                                  fix_label_reference(lab, g.table, passes)), trial
+
+
+def test_group_boxes_against_bruteforce():
+    rng = np.random.default_rng(3)
+    fmin = rng.normal(size=(500, 3))
+    fmax = fmin + rng.random((500, 3))
+    for n in (1, 7, 600):
+        group = rng.integers(0, n, 500)
+        box = R.group_boxes(group, n, fmin, fmax)
+        for gi in range(n):
+            sel = group == gi
+            if sel.any():
+                assert np.array_equal(box[gi, 0], fmin[sel].min(0))
+                assert np.array_equal(box[gi, 1], fmax[sel].max(0))
+            else:
+                assert np.all(box[gi, 0] == np.inf) and np.all(box[gi, 1] == -np.inf)
+    assert R.group_boxes(np.zeros(0, dtype=np.int64), 2, fmin[:0], fmax[:0]).shape == (2, 2, 3)

@@ -256,3 +256,41 @@ def test_hierarchy_on_gpu_matches_cpu():
     assert cpu.queries == gpu.queries
     assert torch.equal(cpu.mask, gpu.mask.cpu())
     assert torch.equal(cpu.grid.nan_to_num(7.0), gpu.grid.cpu().nan_to_num(7.0))
+
+
+def test_iter_volumes_streams_parts_identically():
+    """One coarse pass for all parts, then part after part: the same grids, masks, query
+    sets and counts as decode_volumes; the coarse level is one shared query set per call."""
+    fields = _fields(30.0)
+    whole = dec.decode_volumes(Calls(fields), [0, 1, 2], 64, chunk=4000, min_resolution=15,
+                               dilate_max_resolution=40)
+    calls = Calls(fields)
+    stats = {}
+    seen = []
+    for pv in dec.iter_volumes(calls, [2, 0, 1], 64, chunk=4000, min_resolution=15,
+                               dilate_max_resolution=40, stats=stats):
+        seen.append(pv.part)
+        k = pv.part
+        assert pv.resolution == 64 and pv.ladder == [16, 32, 64]
+        assert torch.equal(pv.mask, whole.mask[k])
+        assert torch.equal(pv.grid.nan_to_num(7.0), whole.grid[k].nan_to_num(7.0))
+        assert pv.queries == [lvl[k] for lvl in whole.queries]
+    assert seen == [2, 0, 1]
+    assert set(stats) == {"coarse", "marks 32", "queries 32", "marks 64", "queries 64"}
+    # the coarse calls (all parts, one shared point set) come first: 17³ points per part
+    n_coarse_calls = 3 * -(-17 ** 3 // (4000 // 3))
+    assert all(p.shape[0] <= 4000 // 3 for _, p in calls.points[:n_coarse_calls])
+    assert sum(p.shape[0] for k, p in calls.points[:n_coarse_calls] if k == 2) == 17 ** 3
+    for k in range(3):
+        assert sum(p.shape[0] for kk, p in calls.points if kk == k) == \
+            sum(lvl[k] for lvl in whole.queries)
+
+
+def test_iter_volumes_single_level_and_no_parts():
+    fields = _fields(10.0)[:2]
+    pvs = list(dec.iter_volumes(Calls(fields), [0, 1], 32, chunk=7000))
+    assert [pv.mask for pv in pvs] == [None, None]
+    assert [pv.queries for pv in pvs] == [[33 ** 3], [33 ** 3]]
+    g0, _, _ = reference(fields[1], 32)
+    assert torch.equal(pvs[1].grid, g0)
+    assert list(dec.iter_volumes(Calls(fields), [], 64)) == []

@@ -446,3 +446,257 @@ def test_runner_cuda_graph_equals_eager_tiny():
         a, b = eager(x, tt, idx.roll(step)), graph(x, tt, idx.roll(step))
         assert graph.graph is not None
         assert rel(b, a) < 1e-3
+
+
+# --------------------------------------------------------------------------- fused fast step
+
+from turbopart.nn import kernels as nn_kernels  # noqa: E402
+from turbopart.xpart.dit import StepOptions  # noqa: E402
+
+FUSED_CONFIGS = [
+    {},
+    {"depth": 6, "num_heads": 2, "num_experts": 3, "moe_top_k": 3, "num_moe_layers": 3,
+     "qkv_bias": True},
+    {"depth": 4, "with_decoupled_ca": True, "decoupled_ca_dim": 5, "num_moe_layers": 1},
+    {"depth": 3, "qk_norm": False, "use_cross_attention": False, "num_moe_layers": 1},
+]
+
+
+@pytest.mark.parametrize("over,bf16", [(c, False) for c in FUSED_CONFIGS] +
+                         [(c, True) for i, c in enumerate(FUSED_CONFIGS) if i != 1])
+def test_fused_step_torch_ops_equal_legacy(over, bf16):
+    """The fused stream with its PyTorch formulations is the per-block arithmetic, bitwise
+    (skip copies, concatenation halves, MoE parts + combine, strided per-step K/V)."""
+    model = random_model(tiny(**over), seed=11)
+    if bf16:
+        to_bf16_linears(model)
+    model.prepare("fast")
+    assert model.fused_supported()
+    x, t, ctx, idx = inputs(model, 3, 32, 20, 24, seed=4)
+    legacy = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"], kernels="legacy")
+    ref = legacy(x, 0.37, idx)
+    assert not legacy.opts.fused
+    for cache, layout in (("all", "strided"), ("none", "strided"), ("none", "contiguous"),
+                          (2, "strided")):
+        r = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"], kernels="none",
+                      cache_blocks=cache, kv_layout=layout)
+        assert r.opts.fused and not r.opts.kernels
+        out = r(x, 0.37, idx)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert torch.equal(out, ref), (cache, layout, rel(out, ref))
+
+
+def test_fused_step_default_and_switches(monkeypatch):
+    model = random_model(tiny(), seed=1).prepare("fast")
+    x, t, ctx, idx = inputs(model, 2, 32, 20, 24)
+    r = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"])
+    assert r.opts.fused  # the fused stream is the default fast step
+    assert r.opts.kernels == (frozenset({"ln", "qk", "moe"}) if nn_kernels.available("cpu")
+                              else frozenset())
+    monkeypatch.setenv("TURBOPART_DIT_KERNELS", "legacy")
+    monkeypatch.setenv("TURBOPART_DIT_SDPA", "local=flash,cross=cudnn")
+    monkeypatch.setenv("TURBOPART_DIT_KV_LAYOUT", "contiguous")
+    r = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"])
+    assert not r.opts.fused and r.opts.kv_layout == "contiguous"
+    assert dict(r.opts.sdpa) == {"local": "flash", "global": "auto", "cross": "cudnn"}
+    assert r.opts.uniform_sdpa is None
+    assert "legacy" in r.describe()
+    # exact always runs the per-block modules with PyTorch's own SDPA choice
+    ex = random_model(tiny(), seed=1).prepare("exact")
+    monkeypatch.setenv("TURBOPART_DIT_KERNELS", "all")
+    r = DiTRunner(ex, ctx["obj_cond"], ctx["geo_cond"], sdpa="flash")
+    assert not r.opts.fused and r.opts.uniform_sdpa == "auto"
+    assert StepOptions.parse_kernels("ln,qk") == (True, frozenset({"ln", "qk"}))
+    assert StepOptions.parse_kernels("all+gelu") == (True, frozenset({"ln", "qk", "moe",
+                                                                     "gelu"}))
+    assert StepOptions.parse_kernels("0") == (False, frozenset())
+    assert StepOptions.parse_kernels("none") == (True, frozenset())
+    assert StepOptions.parse_sdpa("cudnn") == tuple((k, "cudnn") for k in
+                                                    ("local", "global", "cross"))
+    with pytest.raises(ValueError):
+        StepOptions.parse_kernels("ln,fp8")
+    with pytest.raises(ValueError):
+        StepOptions.parse_sdpa("cross=fast")
+    # configurations outside the official block structure keep the per-block modules
+    rms = random_model(tiny(norm_type="rms"), seed=1).prepare("fast")
+    assert not rms.fused_supported()
+    assert not DiTRunner(rms, ctx["obj_cond"], ctx["geo_cond"]).opts.fused
+
+
+def test_fused_step_failure_falls_back_loudly(monkeypatch):
+    """A kernel that fails to compile/launch: warning, then the per-block modules."""
+    from turbopart.nn.kernels import rownorm
+    model = random_model(tiny(), seed=2).prepare("fast")
+    x, t, ctx, idx = inputs(model, 2, 32, 20, 24)
+    ref = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"], kernels="legacy")(x, 0.5, idx)
+    r = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"])
+    r.opts = StepOptions(fused=True, kernels=frozenset({"ln"}))
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compilation failed")
+    monkeypatch.setattr(rownorm, "residual_ln", broken)
+    with pytest.warns(UserWarning, match="falling back"):
+        out = r(x, 0.5, idx)
+    assert not r.opts.fused
+    assert torch.equal(out, ref)
+
+
+def test_moe_parts_and_combine_equal_grouped():
+    if not moe_mod.grouped_mm_supported("cpu", None, torch.float32):
+        pytest.skip("no CPU grouped GEMM")
+    torch.manual_seed(0)
+    m = moe_mod.MoE(16, num_experts=4, top_k=2, inner_dim=24)
+    for p in m.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(37, 16)
+    xp = moe_mod.pad_tokens(x)
+    ref = m(x, impl="grouped")
+    ys, inv, w, shared = moe_mod.moe_grouped_parts(m, x, xp)
+    assert torch.equal(moe_mod.combine_routes(ys, inv, w, shared), ref)
+
+
+def test_step_activation_estimate_fused():
+    from turbopart.xpart.dit_runner import step_activation_bytes
+    with torch.device("meta"):
+        m = dit_mod.build(None)
+    m.cd = torch.bfloat16
+    fused = step_activation_bytes(m, 8, 1024, 4096, fused=True)
+    legacy = step_activation_bytes(m, 8, 1024, 4096, fused=False)
+    # one uncached block's K/V (0.54 GB at K = 8) plus the stream and MoE transients
+    assert 1.0e9 < fused < legacy < 4e9
+
+
+needs_kernels = pytest.mark.skipif(
+    not nn_kernels.available("cpu") and not torch.cuda.is_available(),
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 with triton installed")
+
+
+def _kdev():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_rownorm_kernels_equal_torch(dt):
+    import torch.nn.functional as F
+    from turbopart.nn.kernels import rownorm
+    from turbopart.nn.norms import layer_norm
+    dev = _kdev()
+    g = torch.Generator(device=dev).manual_seed(0)
+    t, d = 37, 48
+
+    def rn(*shape):
+        return torch.randn(*shape, device=dev, generator=g)
+    h = 3 * rn(t, d)
+    a, b = rn(t, d).to(dt), rn(t, d).to(dt)
+    w1, b1, w2, b2 = 1 + 0.1 * rn(d), rn(d), 1 + 0.1 * rn(d), rn(d)
+    tol = 0 if dt == torch.bfloat16 else 5e-6  # bf16: rounding of fp32 values that agree
+
+    def close(x, y, frac=0.995):
+        assert x.dtype == y.dtype
+        if dt == torch.bfloat16:
+            assert (x == y).float().mean() >= frac
+            assert (x.float() - y.float()).abs().max() <= 2 ** -6 * y.float().abs().max()
+        else:
+            assert (x - y).abs().max() <= tol * max(1.0, float(y.abs().max()))
+    # h + a + b → two LayerNorms (one into padded MoE rows), bf16 copy, skip copy
+    o1 = torch.full((t, d + 16), 7.0, device=dev, dtype=dt)[:, :d + 8]
+    o2 = torch.empty(t, d, device=dev, dtype=dt)
+    cat = torch.empty(t, 2 * d, device=dev, dtype=dt)
+    src = rn(t, d).to(dt)
+    hh = h.clone()
+    rownorm.residual_ln(hh, adds=[a, b], norms=[((w1, b1, 1e-6), o1, 8),
+                                                ((w2, b2, 1e-5), o2, 0)],
+                        h_out=hh, hb_out=cat[:, d:], skip_copy=(src, cat[:, :d]))
+    ref = (h + a) + b
+    assert torch.equal(hh, ref)
+    close(o1[:, :d], layer_norm(ref, w1, b1, 1e-6).to(dt))
+    assert torch.all(o1[:, d] == 1) and torch.all(o1[:, d + 1:] == 0)
+    close(o2, layer_norm(ref, w2, b2, 1e-5).to(dt))
+    assert torch.equal(cat[:, d:], ref.to(dt)) and torch.equal(cat[:, :d], src)
+    # LayerNorm of a GEMM output first, then the MoE combine, into a new h
+    z = rn(t, d).to(dt)
+    ys, inv = rn(2 * t, d).to(dt), torch.randperm(2 * t, device=dev, generator=g)
+    wt, sh = torch.rand(t, 2, device=dev, generator=g), rn(t, d).to(dt)
+    hn = torch.empty(t, d, device=dev)
+    rownorm.residual_ln(z, pre=(w1, b1, 1e-6), moe=(ys, inv, wt, sh),
+                        norms=[((w2, b2, 1e-6), o2, 0)], h_out=hn)
+    ref = layer_norm(z, w1, b1, 1e-6) + moe_mod.combine_routes(ys, inv, wt, sh)
+    assert (hn - ref).abs().max() <= 1e-5 * float(ref.abs().max())
+    close(o2, layer_norm(ref, w2, b2, 1e-6).to(dt))
+    # [time token ; x_embed + part_embed[idx]] and its LayerNorm
+    xe, c, pe = rn(3, 5, d).to(dt), rn(1, 1, d).to(dt), 0.1 * rn(50, d)
+    idx = torch.tensor([4, 9, 1], device=dev)
+    he, oe = torch.empty(3, 6, d, device=dev), torch.empty(3, 6, d, device=dev, dtype=dt)
+    rownorm.embed_ln(xe, c, pe, idx, (w1, b1, 1e-6), he, oe)
+    ref = torch.cat([c.expand(3, 1, d), xe + pe[idx].unsqueeze(1)], dim=1)
+    assert torch.equal(he, ref)
+    close(oe, layer_norm(ref, w1, b1, 1e-6).to(dt))
+    # q/k RMSNorm of strided head slices; in place
+    u = rn(t, 4, 3, 16).to(dt)
+    wq, wk = (1 + 0.1 * rn(16)).to(dt).float(), (1 + 0.1 * rn(16)).to(dt).float()
+    q, k = torch.empty(t, 4, 16, device=dev, dtype=dt), torch.empty(t, 4, 16, device=dev,
+                                                                    dtype=dt)
+    rownorm.rms_heads(u[:, :, 0], wq, 1e-6, q, x2=u[:, :, 1], w2=wk, out2=k)
+    close(q, rms_norm(u[:, :, 0], wq, 1e-6, "single"))
+    close(k, rms_norm(u[:, :, 1], wk, 1e-6, "single"))
+    if dt == torch.bfloat16:
+        qd = torch.empty_like(q)
+        rownorm.rms_heads(u[:, :, 0], wq, 1e-6, qd, double=True)
+        close(qd, rms_norm(u[:, :, 0], wq, 1e-6, "double").to(dt))
+    v0 = u[:, :, 2].clone()
+    rownorm.rms_heads(u[:, :, 1], wk, 1e-6, u[:, :, 1])
+    close(u[:, :, 1], k, frac=1.0)
+    assert torch.equal(u[:, :, 2], v0)
+    del F
+
+
+@needs_kernels
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_linear_gelu_kernel(dt):
+    import torch.nn.functional as F
+    from turbopart.nn.kernels.gemm import linear_gelu
+    dev = _kdev()
+    g = torch.Generator(device=dev).manual_seed(1)
+    for m, k, n in ((37, 48, 40), (50, 64, 32)):
+        x = torch.randn(m, k + 16, device=dev, generator=g).to(dt)[:, :k]  # strided rows
+        w = (0.2 * torch.randn(n, k, device=dev, generator=g)).to(dt)
+        b = torch.randn(n, device=dev, generator=g).to(dt)
+        for bias in (b, None):
+            ref = F.gelu(F.linear(x, w, bias))
+            out = linear_gelu(x, w, bias)
+            assert out.dtype == dt and out.shape == (m, n)
+            if dt == torch.float32:
+                assert (out - ref).abs().max() <= 1e-5 * float(ref.abs().max())
+            else:  # accumulation order only: rare one-ulp flips
+                assert (out == ref).float().mean() > 0.98
+                assert (out.float() - ref.float()).abs().max() <= \
+                    2 ** -7 * float(ref.float().abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("over", FUSED_CONFIGS[:3])
+def test_fused_kernels_step_equals_legacy(over):
+    """fp32: the Triton step computes the per-block function (reduction order only); bf16:
+    within the bf16 fidelity bound of the per-block step."""
+    dev = _kdev()
+    for bf16 in (False, True):
+        model = random_model(tiny(**over), seed=11).to(dev)
+        if bf16 or dev.type == "cuda":
+            to_bf16_linears(model)
+        model.prepare("fast")
+        x, t, ctx, idx = inputs(model, 3, 32, 20, 24, seed=4)
+        x, idx = x.to(dev), idx.to(dev)
+        ctx = {k: v.to(dev) for k, v in ctx.items()}
+        ref = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"], kernels="legacy",
+                        cuda_graph=False)(x, 0.37, idx)
+        for cache, kern in (("all", "all"), (1, "all+gelu")):
+            r = DiTRunner(model, ctx["obj_cond"], ctx["geo_cond"], kernels=kern,
+                          cache_blocks=cache)
+            out = r(x, 0.37, idx)
+            assert r.opts.fused and r.opts.kernels == \
+                frozenset({"ln", "qk", "moe"} | ({"gelu"} if "gelu" in kern else set()))
+            if model.cd == torch.float32:
+                assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+            else:
+                assert rel(out, ref) < FIDELITY_BOUND_CPU

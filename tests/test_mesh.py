@@ -135,3 +135,88 @@ def test_part_colors_distinct():
     c = part_colors(40)
     assert c.shape == (40, 4) and c.dtype == np.uint8
     assert len({tuple(x) for x in c[:, :3]}) == 40
+
+
+# --------------------------------------------------------------------------- fast cleaning
+
+def _slow_clean(m, rewrap, monkeypatch):
+    monkeypatch.setenv("TURBOPART_FAST_CLEAN", "0")
+    try:
+        return clean_mesh(m, rewrap_process=rewrap)
+    finally:
+        monkeypatch.delenv("TURBOPART_FAST_CLEAN")
+
+
+def _assert_fast_clean_identical(m, monkeypatch, fast_expected=None):
+    from turbopart.mesh import _clean_fast
+    used = _clean_fast(m) is not None
+    if fast_expected is not None:
+        assert used == fast_expected
+    for rewrap in (True, False):
+        ref = _slow_clean(m, rewrap, monkeypatch)
+        got = clean_mesh(m, rewrap_process=rewrap)
+        assert got.vertices.dtype == ref.vertices.dtype and got.faces.dtype == ref.faces.dtype
+        assert np.array_equal(got.vertices, ref.vertices)
+        assert np.array_equal(got.faces, ref.faces)
+    return used
+
+
+def _tm(v, f):
+    return trimesh.Trimesh(np.asarray(v, float), np.asarray(f), process=False)
+
+
+def test_fast_clean_is_bit_identical_to_trimesh(monkeypatch):
+    ico = trimesh.creation.icosphere(subdivisions=2)
+    box = trimesh.creation.box()
+    inv = _tm(ico.vertices, ico.faces[:, ::-1])
+    tet_v = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, -1, 0], [0, 0, -1]]
+    tets = _tm(tet_v, [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3],     # tet 1
+                       [1, 4, 0], [5, 1, 0], [4, 5, 0], [5, 4, 1]])    # tet 2 (inverted)
+    cases = {  # fast path applies; orientation fixes of every kind
+        "sphere": (ico, True), "inverted sphere (one body)": (inv, True),
+        "sphere + inverted box": (trimesh.util.concatenate(
+            [ico, _tm(box.vertices + 3, box.faces[:, ::-1])]), True),
+        "open inverted sphere": (_tm(ico.vertices, ico.faces[:-3, ::-1]), None),
+        "tets sharing an edge (non-manifold)": (tets, True),
+        "tets sharing an edge + inverted box": (trimesh.util.concatenate(
+            [tets, _tm(box.vertices + 5, box.faces[:, ::-1])]), True),
+    }
+    dup_v = np.vstack([ico.vertices, ico.vertices[:1]])
+    dup_f = np.where(ico.faces == 0, len(ico.vertices), ico.faces)
+    dup_f[0] = ico.faces[0]
+    bad_w = ico.faces.copy()
+    bad_w[:5] = bad_w[:5, ::-1]
+    cases.update({  # trimesh would merge / drop / re-wind: it runs itself
+        "duplicate face": (_tm(ico.vertices, np.vstack([ico.faces, ico.faces[:2]])), False),
+        "degenerate face": (_tm(ico.vertices, np.vstack([ico.faces, [[0, 0, 1]]])), False),
+        "inconsistent winding": (_tm(ico.vertices, bad_w), False),
+        "duplicate vertex (seam)": (_tm(dup_v, dup_f), False),
+        "unreferenced vertex": (_tm(np.vstack([ico.vertices, [[9, 9, 9]]]), ico.faces),
+                                False),
+    })
+    for name, (m, fast) in cases.items():
+        _assert_fast_clean_identical(m, monkeypatch, fast)
+    # the flips really happen (not only "nothing to do")
+    assert np.array_equal(clean_mesh(inv).faces, ico.faces)
+    rng = np.random.default_rng(0)
+    shapes = [ico, box, trimesh.creation.cylinder(radius=0.5, height=1.0, sections=9)]
+    for _ in range(8):
+        parts = []
+        for _ in range(int(rng.integers(1, 4))):
+            s = shapes[int(rng.integers(len(shapes)))]
+            f = s.faces[:, ::-1] if rng.random() < 0.5 else s.faces
+            if rng.random() < 0.3:
+                f = f[:-1]
+            parts.append(_tm(s.vertices * rng.uniform(0.5, 2) + rng.normal(0, 4, 3), f))
+        m = trimesh.util.concatenate(parts)
+        _assert_fast_clean_identical(trimesh.Trimesh(m.vertices, m.faces, process=True),
+                                     monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["ai_dragon.glb", "sheen_chair.glb", "robot_expressive.glb",
+                                  "table_lamp.glb"])
+def test_fast_clean_on_shared_meshes(name, monkeypatch):
+    m = load_mesh(mesh_path(name))
+    _assert_fast_clean_identical(m, monkeypatch)
+    ref = trimesh.load(str(mesh_path(name)), force="mesh")  # the merge skipped on load
+    assert np.array_equal(m.vertices, ref.vertices) and np.array_equal(m.faces, ref.faces)

@@ -311,3 +311,129 @@ def test_triton_fast_agrees_with_exact_on_gpu(approx):
     assert (out.stage2_logits - ref.stage2_logits).abs().max().item() < 0.05 * scale
     assert (out.all_masks == ref.all_masks).float().mean().item() > 0.99
     assert (out.pred_iou - ref.pred_iou).abs().max().item() < 0.02
+
+
+# ---------------------------------------------------------------------------- half kernel
+
+_HALF_INTERPRET_SCRIPT = textwrap.dedent("""
+    import torch
+    from turbopart.p3sam import predictor as P
+    import tests.test_p3sam_model as t
+    model = t._tiny_model()
+    feats, pts, prompts = t._inputs(37, 3, model.feat_dim)   # 37: a ragged last tile
+    ref_heads = P.SplitHeads.from_model(model, compute_dtype=torch.float32)
+    a = P.evaluate_prompts(ref_heads, P.point_terms(ref_heads, feats, pts), prompts,
+                           P._TorchPairs(1000))
+    heads = P.SplitHeads.from_model(model, compute_dtype=torch.bfloat16)
+    terms = P.point_terms(heads, feats, pts, dtype=torch.float16)
+    for cfgs in (P.HALF_INTERPRET_CONFIGS, P.HALF_INTERPRET_CONFIGS[::-1]):  # TC / CUDA-core
+        P.HALF_INTERPRET_CONFIGS = cfgs
+        P._HalfPairs._half_tuned.clear()
+        k = P._HalfPairs(tune=False, dtype=torch.float16)
+        b = P.evaluate_prompts(heads, terms, prompts, k)
+        assert k.fallbacks == 0 and P._HalfPairs._broken is None
+        for name in ("stage1_logits", "stage2_logits", "global_feat", "iou_feat", "iou_logits"):
+            x, y = getattr(a, name), getattr(b, name)
+            err = (x - y).abs().max().item() / max(1.0, x.abs().max().item())
+            assert err < 1e-2, (cfgs[0], name, err)   # bf16 weights + fp16 activations
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_half_kernel_logic_in_interpreter():
+    """The packed 16-bit kernel (fp16): tiling, both logit layers, rank-3 terms, max heads."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", _HALF_INTERPRET_SCRIPT], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_heads_variant_option(monkeypatch):
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="heads must be one of"):
+        P3SAMPredictor(model, numerics="fast", device="cpu", heads="fp8")
+    monkeypatch.setenv("TURBOPART_P3SAM_HEADS", "nonsense")
+    with pytest.warns(RuntimeWarning, match="TURBOPART_P3SAM_HEADS"):
+        assert predictor_mod.heads_variant_default() == predictor_mod.DEFAULT_HEADS_VARIANT
+    monkeypatch.setenv("TURBOPART_P3SAM_HEADS", "f16")
+    pred = P3SAMPredictor(model, numerics="fast", device="cpu")  # CPU: torch kernel
+    assert pred.heads_variant == "f16" and pred.kernel_name == "torch"
+    assert pred.point_dtype == torch.float32  # the half kernel is never used here
+    exact = P3SAMPredictor(model, numerics="exact", device="cpu", kernel="torch")
+    assert not exact._half
+
+
+def _torch_impl(monkeypatch):
+    """Let the bf16 Triton kernel class run as the PyTorch kernel (CPU tests)."""
+    monkeypatch.setattr(predictor_mod._TritonPairs, "logits",
+                        lambda self, *a: predictor_mod._TorchPairs(10 ** 9).logits(*a))
+    monkeypatch.setattr(predictor_mod._TritonPairs, "max",
+                        lambda self, *a: predictor_mod._TorchPairs(10 ** 9).max(*a))
+
+
+def test_half_kernel_failure_falls_back_to_bf16_kernel(monkeypatch):
+    P = predictor_mod
+    _torch_impl(monkeypatch)
+    monkeypatch.setattr(P._HalfPairs, "_broken", None)
+
+    def broken(self, *a, **k):
+        raise RuntimeError("PTX assembly aborted (simulated)")
+
+    monkeypatch.setattr(P._HalfPairs, "_run_half", broken)
+    model = _tiny_model()
+    feats, pts, prompts = _inputs(40, 3, model.feat_dim)
+    heads = P.SplitHeads.from_model(model, compute_dtype=torch.bfloat16)
+    terms = P.point_terms(heads, feats, pts, dtype=torch.float16)
+    ref = P.evaluate_prompts(heads, terms, prompts, P._TorchPairs(10 ** 9))
+    k = P._HalfPairs(tune=False, dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="half kernel unavailable"):
+        out = P.evaluate_prompts(heads, terms, prompts, k)
+    assert P._HalfPairs._broken and k.fallbacks == 4  # stage 1, global, stage 2, IoU
+    for name in ("stage1_logits", "stage2_logits", "global_feat", "iou_feat", "iou_logits"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_half_kernel_range_check():
+    P = predictor_mod
+    model = _tiny_model()
+    heads = P.SplitHeads.from_model(model, compute_dtype=torch.bfloat16)
+    u = torch.randn(50, 3 * heads.s2_dim)
+    v = torch.randn(4, 3 * heads.s2_dim)
+    r = torch.randn(4, 3, 50)
+    k16 = P._HalfPairs(tune=False, dtype=torch.float16)
+    wts = k16._weights(heads.stage2, False)
+    assert k16._in_range(u, v, r, heads.stage2_wl, wts)
+    assert not k16._in_range(u * 1e5, v, r, heads.stage2_wl, wts)
+    assert not k16._in_range(u, v, r * 1e5, heads.stage2_wl, wts)
+    kb = P._HalfPairs(tune=False, dtype=torch.bfloat16)
+    assert kb._in_range(u * 1e5, v, r, heads.stage2_wl, kb._weights(heads.stage2, False))
+    # fp16 per-point terms that would overflow are refused by the predictor check
+    assert P._half_terms_ok(u.half()) and not P._half_terms_ok(torch.full((3, 3), 3e4).half())
+    # the padded tensor-core output layer puts w3_h / 2 in column h
+    w3 = wts["w3_tc"].float().reshape(3, heads.s2_dim, 16)
+    for h in range(3):
+        assert torch.allclose(w3[h, :, h], (heads.stage2.w3[h] * 0.5).half().float())
+        assert not w3[h, :, [c for c in range(16) if c != h]].any()
+
+
+@needs_gpu
+@pytest.mark.skipif(not predictor_mod.triton_available("cuda"), reason="needs triton")
+@pytest.mark.parametrize("heads", ["f16", "bf16x2"])
+def test_half_kernel_agrees_with_exact_on_gpu(heads):
+    model = _tiny_model(feat_dim=64, s2_dim=32).cuda()
+    feats, pts, prompts = _inputs(5000, 9, 64)
+    exact = P3SAMPredictor(model, numerics="exact")
+    exact.set_features(feats.cuda(), pts.cuda())
+    ref = exact.predict(prompts.cuda(), logits=True, return_all=True)
+    predictor_mod._HalfPairs._broken = None
+    fast = P3SAMPredictor(model, numerics="fast", kernel="triton", heads=heads)
+    fast.set_features(feats.cuda(), pts.cuda())
+    out = fast.predict(prompts.cuda(), logits=True, return_all=True)
+    assert predictor_mod._HalfPairs._broken is None and fast.last_batch.get("heads") == heads
+    scale = ref.stage2_logits.abs().max().item()
+    assert (out.stage2_logits - ref.stage2_logits).abs().max().item() < 0.05 * scale
+    assert (out.all_masks == ref.all_masks).float().mean().item() > 0.99
+    assert (out.pred_iou - ref.pred_iou).abs().max().item() < 0.02

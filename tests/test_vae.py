@@ -1,8 +1,14 @@
 """ShapeVAE: layout, golden parity, Fourier embedding, encoder sampling, the fast query API."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +247,214 @@ def test_chunked_key_value_side_is_identical():
         parts = blk.kv(x, torch.float32, rows=77)
     assert whole.k.shape == (2, 4, 1000, 8)
     assert torch.equal(whole.k, parts.k) and torch.equal(whole.v, parts.v)
+
+
+# --------------------------------------------------------------------------- fused query path
+
+def _fused_model(dtype, seed=0):
+    """Head dim 64 (the kernels' tile), tiny otherwise."""
+    p = dict(vae_mod.tiny_params(), width=128, heads=2, num_latents=64)
+    return _random_vae(p, dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_path_with_pytorch_ops_equals_eager(dtype):
+    """The fused path's composition (broadcast residuals, packed rows, q_norm before SDPA,
+    GEMM epilogues) with every kernel replaced by its PyTorch reference = the eager path."""
+    model = _fused_model(dtype)
+    geo = model.geo_decoder
+    g = torch.Generator().manual_seed(0)
+    dec = model.decode(torch.randn(3, 64, 8, generator=g).to(dtype))
+    kv = geo.precompute_kv(dec)
+    pts = torch.rand(3, 300, 3, generator=g, dtype=torch.float64) * 2.02 - 1.01
+    geo.kernel = "eager"
+    ref, ref_shared = geo.query(pts, kv), geo.query(pts[:1].half(), kv)
+    geo.kernel = "fused"
+    # the distinct compositions (without Triton, "gelu*" runs the "cublas" ops)
+    for attn, gemm in (("triton", "cublas"), ("sdpa", "gelu"), ("sdpa", "triton_tma")):
+        geo.fused_options = vae_mod.FusedOptions(attn, gemm)
+        out = geo.query(pts, kv, max_rows=500)
+        shared = geo.query(pts[:1].half(), kv, max_rows=600)
+        assert out.dtype == dtype and out.shape == (3, 300)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(shared.float(), ref_shared.float(), rtol=0, atol=1e-5)
+    assert not geo.failed_modes
+
+
+def test_query_mode_selection(monkeypatch):
+    model = _fused_model(torch.float32)
+    geo = model.geo_decoder
+    monkeypatch.delenv("TURBOPART_DECODER", raising=False)
+    assert geo.query_mode("cpu") == "eager"                # auto: no CUDA
+    model.prepare("fast")
+    assert geo.kernel == "fused" and geo.query_mode("cpu") == "fused"
+    model.prepare("exact")
+    assert geo.query_mode("cpu") == "eager"
+    monkeypatch.setenv("TURBOPART_DECODER", "fused")        # the switch wins over prepare
+    assert geo.query_mode("cpu") == "fused"
+    monkeypatch.setenv("TURBOPART_DECODER", "compile")      # compile is CUDA-only
+    assert geo.query_mode("cpu") == "eager"
+    monkeypatch.setenv("TURBOPART_DECODER", "bogus")
+    with pytest.raises(ValueError):
+        geo.query_mode("cpu")
+    monkeypatch.delenv("TURBOPART_DECODER")
+    monkeypatch.setenv("TURBOPART_DECODER_GEMM", "tma")
+    with pytest.raises(ValueError):
+        vae_mod.FusedOptions.from_env()
+    monkeypatch.setenv("TURBOPART_DECODER_GEMM", "triton_tma")
+    monkeypatch.setenv("TURBOPART_DECODER_ATTN", "cudnn")
+    assert vae_mod.FusedOptions.from_env() == vae_mod.FusedOptions("cudnn", "triton_tma")
+    assert geo.bytes_per_row("fused") < geo.bytes_per_row("eager")
+    assert geo.rows_per_chunk("cpu", max_rows=5000) <= 5000
+
+
+def test_fused_failure_falls_back_to_eager(monkeypatch):
+    model = _fused_model(torch.float32)
+    geo = model.geo_decoder
+    g = torch.Generator().manual_seed(1)
+    kv = geo.precompute_kv(model.decode(torch.randn(2, 64, 8, generator=g)))
+    pts = torch.rand(2, 50, 3, generator=g) * 2 - 1
+    geo.kernel = "eager"
+    ref = geo.query(pts, kv)
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(vae_mod, "_decode_chunk_fused", boom)
+    geo.kernel = "fused"
+    with pytest.warns(RuntimeWarning, match="exploded"):
+        out = geo.query(pts, kv)
+    assert torch.equal(out, ref)
+    assert geo.failed_modes == {"fused"} and geo.query_mode("cpu") == "eager"
+
+
+_KERNEL_SCRIPT = textwrap.dedent(r"""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import triton.language as tl
+    from triton.runtime import interpreter as I
+
+    # The interpreter's bf16 is not the GPU's: dot multiplies the raw uint16 bits and
+    # fp32 -> bf16 truncates.  Compute bf16 dots in fp32 and round to nearest even.
+    def _bits_to_f32(u):
+        return (u.astype(np.uint32) << 16).view(np.float32)
+    _conv = I._convert_float
+    def _convert(x, src, dst, rounding):
+        if src == tl.bfloat16 and dst == tl.float32:
+            return _bits_to_f32(np.asarray(x).view(np.uint16)).view(np.uint32)
+        if src == tl.float32 and dst == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(np.asarray(x).view(np.float32)))
+            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return _conv(x, src, dst, rounding)
+    I._convert_float = _convert
+    _dot = I.InterpreterBuilder.create_dot
+    def _bdot(self, a, b, d, prec, imprecise):
+        if a.dtype.scalar == tl.bfloat16:
+            ad, bd = _bits_to_f32(a.data.view(np.uint16)), _bits_to_f32(b.data.view(np.uint16))
+            return I.TensorHandle(np.matmul(ad, bd, dtype=np.float32) + d.data, d.dtype.scalar)
+        return _dot(self, a, b, d, prec, imprecise)
+    I.InterpreterBuilder.create_dot = _bdot
+
+    from turbopart.nn.kernels import decoder_triton as K
+    from turbopart.xpart import vae as vae_mod
+    import tests.test_vae as t
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(bf)
+    w, b = torch.rand(128, generator=g) + 0.5, torch.randn(128, generator=g) * 0.1
+    x = rnd(37, 128, scale=3.0)
+    assert torch.equal(K.layer_norm(x, w, b, 1e-6), K._ln_ref(x, w, b, 1e-6))
+    a, p = rnd(10, 128), rnd(30, 128)                 # a shared by 3 row blocks of p
+    xs, h = K.add_layer_norm(a, p, w, b, 1e-6)
+    assert torch.equal(xs, K._add_ref(a, p)) and torch.equal(h, K._ln_ref(xs, w, b, 1e-6))
+    ow, ob = rnd(1, 128, scale=0.1), rnd(1)
+    ref = F.linear(K._ln_ref(xs, w, b, 1e-5).float(), ow.float(), ob.float())[:, 0]
+    got = K.add_ln_dot(a, p, w, b, 1e-5, ow, ob)
+    assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max(), (got, ref)
+    # attention: one key block = the flash arithmetic exactly (P rounded to bf16)
+    B, H, T, D, n = 2, 2, 64, 64, 40
+    k, v, q = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B * n, H * D)
+    qw, qb = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g) * 0.1
+    o = K.attention(q, k, v, qw, qb, 1e-6, n, config=K.AttnConfig(32, 64, 4, 1))
+    qh = K._ln_ref(q.view(B, n, H, D), qw, qb, 1e-6).transpose(1, 2).float()
+    s = qh @ k.float().transpose(-1, -2) * (0.125 * 1.4426950408889634)
+    pm = torch.exp2(s - s.amax(-1, keepdim=True))
+    o_ref = ((pm.to(bf).float() @ v.float()) / pm.sum(-1, keepdim=True)).to(bf)
+    assert torch.equal(o, o_ref.transpose(1, 2).reshape(B * n, H * D))
+    # shared queries (stride-0 part axis), two key blocks, no q_norm: vs the PyTorch path
+    o = K.attention(q[:n], k, v, None, None, 1e-6, n, config=K.AttnConfig(16, 32, 4, 1))
+    o_ref = K.attention_ref(q[:n], k, v, None, None, 1e-6, n)
+    assert (o.float() - o_ref.float()).abs().max() < 0.02
+    # GEMM epilogues, pointer and TMA loads (ragged M)
+    xm, wm, bm = rnd(70, 128), rnd(96, 128, scale=0.1), rnd(96)
+    res = rnd(35, 96)
+    cfg = K.GemmConfig(32, 32, 32, 2, 4, 2)
+    for mode in ("ptr", "tma"):
+        for epi, r in ((0, None), (1, None), (2, res)):
+            y = K.linear(xm, wm, bm, epi, r, mode=mode, config=cfg)
+            y0 = K.linear_ref(xm, wm, bm, epi, r)
+            assert (y.float() - y0.float()).abs().max() <= 0.01, (mode, epi)
+            assert (y != y0).float().mean() < 0.01, (mode, epi)
+        y = K.linear(xm, wm, None, mode=mode, config=cfg)
+        assert (y.float() - F.linear(xm, wm).float()).abs().max() <= 0.01
+    assert not K.disabled(), K.disabled()
+    # the whole fused decoder with every kernel in Triton vs the eager op sequence
+    model = t._fused_model(bf)
+    geo = model.geo_decoder
+    dec = model.decode(torch.randn(2, 64, 8, generator=g).to(bf))
+    kv = geo.precompute_kv(dec)
+    pts = torch.rand(2, 150, 3, generator=g, dtype=torch.float64) * 2.02 - 1.01
+    geo.kernel = "eager"
+    ref = geo.query(pts, kv)
+    ref_shared = geo.query(pts[:1].half(), kv)
+    small = K.GemmConfig(32, 64, 32, 2, 4, 2)
+    for mode in ("ptr", "tma"):
+        for nk in ((128, 128), (512, 128), (128, 512)):
+            K.set_gemm_config(*nk, small, mode)
+    geo.kernel = "fused"
+    for attn, gemm in (("sdpa", "triton"), ("triton", "gelu_tma"), ("triton", "cublas")):
+        geo.fused_options = vae_mod.FusedOptions(attn, gemm)
+        for out, r in ((geo.query(pts, kv), ref), (geo.query(pts[:1].half(), kv), ref_shared)):
+            err = (out.float() - r.float()).abs().max().item()
+            # sdpa: fp32 reduction order only; triton attention: P rounded to bf16 (as
+            # flash does on the GPU, unlike the CPU reference)
+            tol = 0.02 if attn == "sdpa" else 0.1
+            assert err <= tol * max(1.0, r.float().abs().max().item()), (attn, gemm, err)
+    assert not K.disabled() and not geo.failed_modes, (K.disabled(), geo.failed_modes)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_decoder_kernels_in_interpreter():
+    """Tiling, masks, broadcast rows, epilogues and the fused decoder, on the CPU."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    for key in [k for k in env if k.startswith("TURBOPART_DECODER")]:
+        env.pop(key)
+    res = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_gpu
+def test_fused_path_on_cuda_matches_eager():
+    model = _fused_model(torch.bfloat16).cuda()
+    geo = model.geo_decoder
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dec = model.decode(torch.randn(2, 64, 8, generator=g, device="cuda").bfloat16())
+    kv = geo.precompute_kv(dec)
+    pts = torch.rand(2, 5000, 3, generator=g, device="cuda", dtype=torch.float64) * 2 - 1
+    geo.kernel = "eager"
+    ref = geo.query(pts, kv)
+    geo.kernel = "fused"
+    for attn in ("triton", "sdpa"):
+        for gemm in vae_mod.GEMM_CHOICES:
+            geo.fused_options = vae_mod.FusedOptions(attn, gemm)
+            out = geo.query(pts, kv, max_rows=4096)
+            torch.testing.assert_close(out.float(), ref.float(), rtol=0,
+                                       atol=0.02 * max(1.0, ref.float().abs().max().item()))
+    assert not geo.failed_modes

@@ -92,7 +92,33 @@ def _register_product_commands(sub) -> None:
     register_xpart(sub)
 
 
+def _early_prefetch(argv: list[str] | None):
+    """Start the read-ahead of the weights (and of the libraries torch is about to map) for
+    the commands that load models, before anything heavy is imported
+    (:mod:`turbopart.runtime.prefetch`; ``TURBOPART_PREFETCH=0`` switches it off)."""
+    try:
+        from .runtime import prefetch
+        args = list(sys.argv[1:] if argv is None else argv)
+        if any(a in ("-h", "--help") for a in args):
+            return None
+        cmd = next((a for a in args if not a.startswith("-")), None)
+        comps = prefetch.COMMAND_COMPONENTS.get(cmd)
+        if comps is None:
+            return None
+        spec = None
+        for i, a in enumerate(args):
+            if a == "--weights" and i + 1 < len(args):
+                spec = args[i + 1]
+            elif a.startswith("--weights="):
+                spec = a.split("=", 1)[1]
+        return prefetch.start(prefetch.find_weights(spec), comps)
+    except Exception:  # a read-ahead must never stop the command
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command-line process itself (not an in-process call)
+        _early_prefetch(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -234,11 +234,49 @@ class CheckpointFile:
     def load(self, keys: Iterable[str], device: torch.device | str = "cpu",
              dtypes: Mapping[str, torch.dtype] | None = None, workers: int = 8
              ) -> dict[str, torch.Tensor]:
-        """Read ``keys`` onto ``device`` (cast to ``dtypes[key]`` where given)."""
+        """Read ``keys`` onto ``device`` (cast to ``dtypes[key]`` where given).
+
+        safetensors onto CUDA are read in file order with large sequential reads, through
+        pinned buffers and asynchronous copies (:class:`turbopart.runtime.loading.
+        SafetensorsReader`); onto the CPU, with ``TURBOPART_LOADER=mmap`` or when that
+        reader fails, through the memory-mapped ``safetensors`` API.
+        """
+        return self._start_load(keys, device, dtypes, workers).result()
+
+    def _start_load(self, keys: Iterable[str], device: torch.device | str = "cpu",
+                    dtypes: Mapping[str, torch.dtype] | None = None, workers: int = 8
+                    ) -> "_PendingLoad":
+        """Start :meth:`load` in the background; ``.result()`` waits, ``.cancel()`` drops."""
         keys = list(keys)
         device = torch.device(device)
         dtypes = dtypes or {}
+        if self._state is None:
+            from .runtime import loading
+            if loading.loader_mode(device) == "sequential" and device.type in ("cpu", "cuda"):
+                try:
+                    entries = self._entries()
+                    reader = loading.SafetensorsReader(
+                        self.path, {k: entries[self._names[k]] for k in keys}, device,
+                        dtypes, workers=workers).start()
+                    return _PendingLoad(self, keys, device, dtypes, workers, reader)
+                except KeyError:
+                    raise
+                except Exception as exc:  # pragma: no cover - depends on the system
+                    _warn_fallback(self.path, exc)
+        return _PendingLoad(self, keys, device, dtypes, workers, None)
 
+    def _entries(self) -> dict[str, tuple]:
+        from .runtime.prefetch import safetensors_index
+        try:
+            return safetensors_index(self.path)[1]
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") \
+                from None
+
+    def _load_mmap(self, keys: list[str], device: torch.device,
+                   dtypes: Mapping[str, torch.dtype], workers: int
+                   ) -> dict[str, torch.Tensor]:
+        """The memory-mapped reader (pickles: the mmap'd ``torch.load`` state)."""
         def finish(key: str, t: torch.Tensor) -> torch.Tensor:
             want = dtypes.get(key)
             if want is not None and t.is_floating_point() and t.dtype != want:
@@ -268,6 +306,39 @@ class CheckpointFile:
             for part in pool.map(read, chunks):
                 out.update(part)
         return out
+
+
+def _warn_fallback(path, exc: BaseException) -> None:
+    import warnings
+    warnings.warn(f"{path}: sequential reader failed ({type(exc).__name__}: {exc}); "
+                  "reading through the memory-mapped safetensors API instead", RuntimeWarning,
+                  stacklevel=3)
+
+
+class _PendingLoad:
+    """A load in flight (sequential reader) or to be done on ``result()`` (mmap reader)."""
+
+    def __init__(self, file: CheckpointFile, keys, device, dtypes, workers, reader):
+        self.file, self.keys, self.device = file, keys, device
+        self.dtypes, self.workers, self.reader = dtypes, workers, reader
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.reader is not None:
+            try:
+                return self.reader.result()
+            except Exception as exc:
+                from .runtime.memory import is_oom
+                if is_oom(exc):
+                    raise
+                _warn_fallback(self.file.path, exc)
+            finally:
+                self.reader = None
+        return self.file._load_mmap(self.keys, self.device, self.dtypes, self.workers)
+
+    def cancel(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -312,17 +383,32 @@ def load_component(path: str | os.PathLike, component: str, *,
     module = build(component, config, skip_unused=skip_unused)
     if spec.has_weights:
         file = CheckpointFile(weight_file(folder, component), spec.strip_prefix)
-        expected = layout(component, config) if skip_unused else \
-            {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        validate(expected, file.shapes, str(file.path))
         wanted = module.state_dict()
         dt = dict(param_dtypes(module, numerics, device))
         if dtypes:
             dt.update(dtypes)
-        tensors = file.load(wanted.keys(), device, dt, workers=workers)
+        # The reads start before the whole-file validation (an extra build of the full
+        # module when skip_unused): it runs while the disk works.
+        shapes_ok = all(k in file.shapes and tuple(file.shapes[k]) == tuple(v.shape)
+                        for k, v in wanted.items())
+        pending = file._start_load(wanted.keys(), device, dt, workers=workers) \
+            if shapes_ok else None
+        try:
+            expected = layout(component, config) if skip_unused else \
+                {k: tuple(v.shape) for k, v in wanted.items()}
+            validate(expected, file.shapes, str(file.path))
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+            raise
+        if pending is None:
+            pending = file._start_load(wanted.keys(), device, dt, workers=workers)
+        tensors = pending.result()
         module.load_state_dict(tensors, strict=True, assign=True)
     if isinstance(module, nn.Module):
         finish_module(module, device)
+    from .runtime import prefetch
+    prefetch.mark_ready()
     return module
 
 

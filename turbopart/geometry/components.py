@@ -6,8 +6,6 @@ breadth-first searches produce when they scan nodes in index order).
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components as _cc
 import torch
 
 
@@ -21,6 +19,8 @@ def connected_components(num_nodes: int, u, v) -> np.ndarray:
     v = _np(v).astype(np.int64, copy=False)
     if num_nodes == 0:
         return np.zeros(0, dtype=np.int64)
+    import scipy.sparse as sp  # here, not at import (start-up time)
+    from scipy.sparse.csgraph import connected_components as _cc
     g = sp.coo_matrix((np.ones(len(u), dtype=np.int8), (u, v)), shape=(num_nodes, num_nodes))
     _, lab = _cc(g, directed=False)
     # Renumber so that component ids follow the smallest node index of each component.

@@ -14,10 +14,13 @@ from torch import nn
 
 def fourier_frequencies(num_freqs: int, include_pi: bool, device=None) -> torch.Tensor:
     """The official frequency vector (fp32): ``2^k`` (``·π`` in fp32 when include_pi)."""
-    f = 2.0 ** torch.arange(num_freqs, dtype=torch.float32, device=device)
+    # Computed on the CPU, then moved: an arange on the meta device (where the builders run)
+    # goes through PyTorch's Python decompositions, which import torch._dynamo (~1 s of
+    # start-up).  Powers of two and one fp32 product: the same values on every device.
+    f = 2.0 ** torch.arange(num_freqs, dtype=torch.float32, device="cpu")
     if include_pi:
         f = f * torch.pi
-    return f
+    return f.to(device if device is not None else torch.get_default_device())
 
 
 def fourier_features(x: torch.Tensor, frequencies: torch.Tensor, *, include_input: bool = True,

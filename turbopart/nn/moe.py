@@ -89,8 +89,17 @@ def linear_wb(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
     return F.linear(x, w, b)
 
 
-def ffn(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
-    return linear(F.gelu(linear(x, fc1)), fc2)
+def ffn(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, *, inplace: bool = False
+        ) -> torch.Tensor:
+    """Linear → exact GELU → Linear (``inplace``: GELU overwrites the hidden activations,
+    same values, one [T, F] buffer less)."""
+    h = linear(x, fc1)
+    return linear(gelu_(h) if inplace else F.gelu(h), fc2)
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU in place."""
+    return torch.ops.aten.gelu_(x)
 
 
 class StackedExperts:
@@ -252,6 +261,44 @@ def moe_grouped(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, st: Stacked
     y = grouped_mm(h, st.w2.transpose(1, 2), offs)         # [R, D] = bf16(h W2ᵀ + b2)
     y = torch.empty_like(y).index_copy_(0, order, y)       # back to (token, slot) order
     return (y.view(T, k, -1).to(torch.float32) * w.unsqueeze(-1)).sum(dim=1)
+
+
+def moe_grouped_parts(moe: MoE, x: torch.Tensor, x_padded: torch.Tensor, *,
+                      fc1_gelu=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
+    """The grouped MoE up to (not including) the combine, for callers that fuse the combine.
+
+    ``x`` [T, D] compute-dtype rows (may be the ``[:, :D]`` view of ``x_padded``), ``x_padded``
+    [T, D+PAD] (see :func:`pad_tokens`).  Returns ``(ys, inv, w, shared)``: the expert
+    outputs [R, D] in expert-sorted route order, ``inv`` [T·k] (route ``t·k + j`` is row
+    ``inv[t·k + j]`` of ``ys``), the fp32 route weights [T, k] and the shared expert's output
+    [T, D].  :func:`combine_routes` finishes the official combine; GELUs run in place.
+    ``fc1_gelu(x, w, b)``: optional fused ``gelu(linear(x, w, b))`` for the shared expert.
+    """
+    idx, w = moe.route(x)
+    st = moe.stack()
+    order, tok, offs = sort_routes(idx, st.num_experts)
+    xs = x_padded.index_select(0, tok)
+    h = grouped_mm(xs, st.w1.transpose(1, 2), offs)        # [R, F+PAD], column F == 16
+    del xs
+    ys = grouped_mm(gelu_(h), st.w2.transpose(1, 2), offs)  # [R, D] = bf16(h W2ᵀ + b2)
+    del h
+    inv = torch.empty_like(order)
+    inv.scatter_(0, order, torch.arange(order.numel(), device=order.device, dtype=order.dtype))
+    se = moe.shared_experts
+    if fc1_gelu is not None:
+        shared = linear(fc1_gelu(x, se.fc1.weight, se.fc1.bias), se.fc2)
+    else:
+        shared = ffn(x, se.fc1, se.fc2, inplace=True)
+    return ys, inv, w.contiguous(), shared
+
+
+def combine_routes(ys: torch.Tensor, inv: torch.Tensor, w: torch.Tensor,
+                   shared: torch.Tensor) -> torch.Tensor:
+    """Official training-mode combine of :func:`moe_grouped_parts` outputs: fp32 [T, D]."""
+    t, k = w.shape
+    y = ys.index_select(0, inv).view(t, k, -1).to(torch.float32)
+    return (y * w.unsqueeze(-1)).sum(dim=1) + shared
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

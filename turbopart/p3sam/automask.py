@@ -39,7 +39,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import trimesh
 
 from ..geometry.adjacency import FaceGraph
 from ..geometry.fps import farthest_point_sampling
@@ -47,6 +46,9 @@ from ..mesh import clean_mesh, normalize_points, sample_surface
 from . import regions as R
 from .fixlabel import fix_label
 from .selection import Selection, SelectionConfig, select_masks
+from .. import _lazy_import
+
+trimesh = _lazy_import("trimesh")  # imported on first use (start-up time)
 
 VARIANTS = {
     "p3sam": {"rewrap_process": True, "prompt_batch": 32, "normalize_mesh": False},

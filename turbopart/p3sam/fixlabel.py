@@ -32,8 +32,6 @@ the official loop on random meshes and on the golden cases).
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import dijkstra
 
 from ..geometry.adjacency import FaceGraph
 
@@ -61,9 +59,15 @@ def pass_numbers(neg: np.ndarray, graph: FaceGraph, max_passes: int = 50) -> np.
     both = neg[u] & neg[v]
     bu, bv = u[both], v[both]  # bu < bv
     src = f  # virtual source
-    seeds = np.unique(np.concatenate([v[neg[v] & ~neg[u]], u[neg[u] & ~neg[v]]]))
+    nu, nv_ = neg[u], neg[v]
+    is_seed = np.zeros(f, dtype=bool)  # negative faces with a labelled neighbour
+    is_seed[v[nv_ & ~nu]] = True
+    is_seed[u[nu & ~nv_]] = True
+    seeds = np.flatnonzero(is_seed)
     if seeds.size == 0:
         return np.zeros(f, dtype=np.int64)
+    import scipy.sparse as sp  # here, not at import (start-up time)
+    from scipy.sparse.csgraph import dijkstra
     rows = np.concatenate([bu, bv, np.full(seeds.size, src)])
     cols = np.concatenate([bv, bu, seeds])
     g = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(f + 1, f + 1))
@@ -125,8 +129,7 @@ def _fill_values(lab: np.ndarray, neg: np.ndarray, passes: np.ndarray, graph: Fa
     # --- Kahn waves over the non-copy rows (copies are filled from their roots at the end)
     # A non-copy row depends on the roots of its dependencies.
     root_needed = ~is_copy & ~direct
-    done = ~root_needed.copy()          # rows whose value is final (direct rows are)
-    done_root = direct.copy()
+    done_root = direct
     # pending counts only over non-copy dependencies, expressed through roots
     dep_rows = np.where(dep, row_of[nbc], -1)          # [T, D] rows of dependencies
     dep_root = np.where(dep_rows >= 0, copy_of[np.maximum(dep_rows, 0)], -1)
@@ -137,27 +140,44 @@ def _fill_values(lab: np.ndarray, neg: np.ndarray, passes: np.ndarray, graph: Fa
     r_dep, r_slot = np.nonzero(need)
     r_src = dep_root[r_dep, r_slot]
     order = np.argsort(r_src, kind="stable")
-    r_src, r_dep = r_src[order], r_dep[order]
-    starts = np.searchsorted(r_src, np.arange(todo.size + 1))
-    computed = np.zeros(todo.size, dtype=bool)
-    computed[direct] = True
-    waves = 0
+    r_dep = r_dep[order]
+    starts = np.searchsorted(r_src[order], np.arange(todo.size + 1))
+    # where every slot reads its value: the neighbour itself (labelled from the start), the
+    # face of its root row (filled earlier; a copy row is written only at the end), or a
+    # per-slot sentinel that equals nothing (invisible slot)
+    width = max(d, 3)
+    ext = np.empty(f + width, dtype=np.int64)
+    ext[:f] = lab
+    ext[f:] = _SENTINEL + np.arange(width)
+    src = np.where(known, nbc, np.where(dep, todo[np.maximum(dep_root, 0)],
+                                        f + np.arange(d)[None, :]))
+    if d < 3:  # pad to 3 slots with sentinels: the 3-way mode below
+        src = np.concatenate([src, np.broadcast_to(f + np.arange(d, 3), (src.shape[0], 3 - d))],
+                             axis=1)
     while ready.size:
-        waves += 1
-        _assign_mode(lab, todo, row_of, ready, nbc, visible, copy_of)
-        computed[ready] = True
+        vals = ext[src[ready]]
+        ext[todo[ready]] = _mode3(vals) if width == 3 else mode_rows(vals, vals < _SENTINEL)
         # dependents of the rows just computed
-        idx = _ranges(starts[ready], starts[ready + 1])
-        if idx.size == 0:
+        tgt = r_dep[_ranges(starts[ready], starts[ready + 1])]
+        if tgt.size == 0:
             break
-        tgt = r_dep[idx]
-        dec = np.bincount(tgt, minlength=todo.size)
-        pend -= dec
-        cand = np.unique(tgt)
+        cand, cnt = np.unique(tgt, return_counts=True)
+        pend[cand] -= cnt
         ready = cand[pend[cand] == 0]
+    lab[:] = ext[:f]
     # copies take their root's value
     cp = is_copy
     lab[todo[cp]] = lab[todo[copy_of[cp]]]
+
+
+#: Values of invisible neighbour slots (distinct per slot, above every label).
+_SENTINEL = np.int64(1) << np.int64(62)
+
+
+def _mode3(vals: np.ndarray) -> np.ndarray:
+    """Row-wise mode of 3 values, ties to the smallest (sentinels never repeat)."""
+    a, b, c = vals[:, 0], vals[:, 1], vals[:, 2]
+    return np.where((a == b) | (a == c), a, np.where(b == c, b, np.minimum(np.minimum(a, b), c)))
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -168,21 +188,6 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     offs = np.repeat(lo - np.concatenate([[0], np.cumsum(cnt)[:-1]]), cnt)
     return offs + np.arange(total)
-
-
-def _assign_mode(lab, todo, row_of, rows, nbc, visible, copy_of) -> None:
-    """lab[todo[rows]] = mode of the visible neighbours' values (ties: smallest)."""
-    nb = nbc[rows]                                     # [R, D] face ids
-    vis = visible[rows]
-    vals = lab[nb]
-    # a dependency that is a copy row is written only at the end: read its root's value
-    r = row_of[nb]
-    is_row = vis & (r >= 0)
-    if is_row.any():
-        rr = np.where(is_row, r, 0)
-        root = copy_of[rr]
-        vals = np.where(is_row, lab[todo[root]], vals)
-    lab[todo[rows]] = mode_rows(vals, vis)
 
 
 def mode_rows(vals: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ S-wide output reduced by a running max over the points.  Stage 2 needs G, a max 
 points, so there are two passes over the points: pass 1 computes the stage-1 logits (kept,
 fp32) and G; pass 2 computes the stage-2 logits and the IoU feature.
 
-Two kernels evaluate the per-pair part:
+Two kernels (three with the 16-bit variant) evaluate the per-pair part:
 
 * ``torch``: chunks of points × prompts with plain GEMMs (fp32 for ``exact``, bf16 weights
   for ``fast`` on CUDA).  Memory O(chunk × prompts × width); chunk sizes come from
@@ -28,6 +28,11 @@ Two kernels evaluate the per-pair part:
   layer(s) on tensor cores in bf16 with fp32 accumulation, fuses bias + GELU, and either
   writes the logits or folds the tile into the prompt's running max with ``atomic_max``.
   Nothing per pair is materialised, so a prompt batch costs only its logits (24 B per point).
+* ``triton`` with ``heads="f16"`` / ``"bf16x2"`` (:class:`_HalfPairs`, switch
+  ``TURBOPART_P3SAM_HEADS``): the same fused kernel with every per-pair element-wise step in
+  packed 16-bit arithmetic (two values per instruction), BK = 32 tiles (no wgmma
+  serialisation) and optionally the 1-wide logit layer on the tensor cores; it falls back to
+  the kernel above, with a warning, if it does not compile or fp16 could overflow.
 
 Numerics: ``exact`` is fp32 throughout (TF32 off), equal to the official forward up to float
 summation order.  ``fast`` on CUDA: bf16 hidden-layer weights and activations with fp32
@@ -471,14 +476,46 @@ class KernelConfig:
                             self.warps, self.stages)
 
 
-#: Candidates tried (and timed once per shape) on the GPU; the first is the default.  All
-#: compile for sm_90 with Triton 3.6 without register spills (tanh GELU), 1 CTA per SM.
+#: Candidates timed once per shape when tuning (``TURBOPART_P3SAM_TUNE=1``) and tried in
+#: order when the chosen tiles fail to compile; without tuning :data:`FIXED_CONFIGS` is used,
+#: else the first.  All compile for sm_90 with Triton 3.6 without register spills (tanh
+#: GELU), 1 CTA per SM.
 LOGIT_CONFIGS = (KernelConfig(128, 256, 64, 64, 8, 3), KernelConfig(64, 512, 32, 64, 8, 3),
                  KernelConfig(128, 128, 64, 64, 8, 4), KernelConfig(64, 256, 32, 64, 8, 3))
 MAX_CONFIGS = (KernelConfig(128, 0, 64, 128, 8, 3), KernelConfig(128, 0, 32, 64, 8, 3),
                KernelConfig(64, 0, 64, 128, 8, 3))
 #: Small tiles for the Triton interpreter (tests on the CPU).
 INTERPRET_CONFIG = KernelConfig(16, 16, 16, 16, 1, 1)
+#: The tiles used without run-time tuning (the default), by GPU architecture (compute
+#: capability) and kernel shape (max mode, heads, width, has R), for 16-bit weights: the
+#: winners of the tuning on an H100 (sm_90, Triton 3.6; benchmarks/results/p3sam_h100.json):
+#: stage 1 (3 x 512), stage 2 (3 x 256 with the stage-1 logits), the global/IoU max heads
+#: (1 x 256).  Other architectures and shapes take the first candidate.
+FIXED_CONFIGS: dict[tuple[int, int], dict[tuple[bool, int, int, bool], KernelConfig]] = {
+    (9, 0): {(False, 3, 512, False): KernelConfig(64, 512, 32, 64, 8, 3),
+             (False, 3, 256, True): KernelConfig(128, 256, 64, 64, 8, 3),
+             (True, 1, 256, True): KernelConfig(128, 0, 64, 128, 8, 3)},
+}
+
+
+def tune_default() -> bool:
+    """Run-time tile tuning only with ``TURBOPART_P3SAM_TUNE=1`` (it compiles and times
+    every candidate in the first call of a process: ~35 s on an H100)."""
+    return os.environ.get("TURBOPART_P3SAM_TUNE", "0").strip() == "1"
+
+
+def fixed_config(max_mode: bool, heads: int, width: int, has_r: bool, device,
+                 dtype: torch.dtype) -> KernelConfig | None:
+    """The :data:`FIXED_CONFIGS` entry for this kernel on ``device`` (None: none)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or torch.empty((), dtype=dtype).element_size() != 2:
+        return None
+    try:
+        cap = tuple(torch.cuda.get_device_capability(dev))
+    except Exception:  # pragma: no cover - no driver
+        return None
+    cfg = FIXED_CONFIGS.get(cap, {}).get((bool(max_mode), int(heads), int(width), bool(has_r)))
+    return None if cfg is None else cfg.fit(width)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -499,10 +536,14 @@ class _TritonPairs:
     #: Timings of the candidates, for benchmark reports: key -> {config: seconds}.
     tune_report: dict[tuple, dict[str, float]] = {}
 
-    def __init__(self, tune: bool = True, approx_gelu: bool = True):
+    #: Keys whose configuration has launched once (compiled) in this process.
+    _launched: set = set()
+
+    def __init__(self, tune: bool | None = None, approx_gelu: bool = True):
         self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        self.tune = tune and not self.interpret and \
-            os.environ.get("TURBOPART_P3SAM_TUNE", "1") != "0"
+        if tune is None:  # default: fixed tiles; TURBOPART_P3SAM_TUNE=1 tunes
+            tune = tune_default()
+        self.tune = bool(tune) and not self.interpret
         # Inline PTX does not run in the interpreter.
         self.approx_gelu = bool(approx_gelu) and not self.interpret
 
@@ -541,8 +582,10 @@ class _TritonPairs:
         if key in self._tuned:
             return self._tuned[key]
         if not self.tune or len(cands) == 1:
-            self._tuned[key] = cands[0]
-            return cands[0]
+            fixed = fixed_config(max_mode, w2t.shape[0], d, r is not None, u.device,
+                                 w2t.dtype)
+            self._tuned[key] = fixed if fixed is not None else cands[0]
+            return self._tuned[key]
         # Time every candidate on this very problem (outputs go to scratch buffers) and keep
         # the fastest; configurations that do not compile (shared memory, registers) drop out.
         ks = min(v.shape[0], 64)
@@ -574,7 +617,34 @@ class _TritonPairs:
 
     def _run(self, max_mode, u, v, r, wl, w2t, b2, w3, b3, out):
         cfg = self._config(max_mode, u, v, r, wl, w2t, b2, w3, b3, out)
-        self._launch(cfg, max_mode, u, v, r, wl, w2t, b2, w3, b3, out)
+        key = (max_mode, w2t.shape[0], w2t.shape[1], r is not None, str(w2t.dtype),
+               str(u.dtype), str(u.device), self.approx_gelu)
+        if key in self._launched or self.interpret:
+            self._launch(cfg, max_mode, u, v, r, wl, w2t, b2, w3, b3, out)
+            return
+        # First launch of this kernel shape: if the chosen tiles do not compile here
+        # (shared memory, registers, another Triton), fall back to the other candidates.
+        d = w2t.shape[1]
+        cands = [cfg] + [c.fit(d) for c in (MAX_CONFIGS if max_mode else LOGIT_CONFIGS)]
+        cands = [c for c in dict.fromkeys(cands) if d % c.bk == 0 and
+                 (d % c.bn3 == 0 if max_mode else d % c.bn == 0)]
+        errors = []
+        for c in cands:
+            try:
+                self._launch(c, max_mode, u, v, r, wl, w2t, b2, w3, b3, out)
+            except Exception as exc:
+                if memory.is_oom(exc) or isinstance(exc, ValueError):
+                    raise
+                errors.append(f"{c}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            if errors:
+                warnings.warn("P3-SAM Triton kernel: tiles failed to compile/launch ("
+                              + "; ".join(errors) + f"); using {c}", RuntimeWarning)
+            self._tuned[key] = c
+            self._launched.add(key)
+            return
+        raise RuntimeError("no Triton configuration of the P3-SAM pair kernel launched: "
+                           + "; ".join(errors))
 
     def logits(self, u, v, r, wl, tail: _LogitTail, out: torch.Tensor) -> None:
         w2h, w3h = tail.halved()  # the kernel's GELUs return 2·GELU
@@ -583,6 +653,430 @@ class _TritonPairs:
     def max(self, u, v, r, wl, tail: _MaxTail, out: torch.Tensor) -> None:
         w2h, w3h = tail.halved()
         self._run(True, u, v.contiguous(), r, wl, w2h, tail.b2, w3h, None, out)
+
+
+# =========================================================================== half-precision kernel
+#
+# Fast-mode variant of the fused kernel (switch: ``TURBOPART_P3SAM_HEADS`` or the predictor's
+# ``heads`` argument).  Same function, same tiling idea, but every element-wise step per pair
+# (first-layer sum, both GELUs, bias) runs in 16-bit arithmetic, which the compiler packs two
+# values per instruction (HADD2/HMUL2/HFMA2 on sm_90); only the tanh stays one MUFU op per
+# value.  The per-pair CUDA-core work roughly halves, and the tiles use BK = 32 (with BK = 64
+# ptxas serialises the register-operand wgmma chain: "wgmma.mma_async instructions are
+# serialized").  Optionally the 1-wide logit layer runs on the tensor cores (a [BN, 16] tile
+# with w3_h in column h).
+#
+# * ``"f16"``: fp16 values (10-bit mantissa: each rounding is 8x finer than bf16), weights
+#   converted from the bf16 ones exactly; per-point terms stored in fp16.  fp16 overflows at
+#   65504: every launch checks a bound of |first-layer sum| and |hidden layer| on the host
+#   (max |u|, |v|, |logits|, column sums of |W2|) and uses the bf16 kernel when it exceeds
+#   16000 (never for sane weights).  Sub-normal tiny weights lose relative precision only.
+# * ``"bf16x2"``: the same in bf16 (no range issue, 8x coarser roundings than fp16).
+# * ``"bf16"``: the original kernel (fp32 element-wise math).
+
+HEADS_VARIANTS = ("bf16", "f16", "bf16x2")
+#: Variant used when neither the argument nor ``TURBOPART_P3SAM_HEADS`` names one.
+DEFAULT_HEADS_VARIANT = "bf16"
+#: Largest bound of |first-layer sum| / |hidden pre-activation| accepted for fp16 math
+#: (2·GELU(x) <= 2|x| must stay below 65504 with a margin).
+HALF_RANGE = 16000.0
+
+
+def heads_variant_default() -> str:
+    """``TURBOPART_P3SAM_HEADS`` (``bf16``, ``f16``, ``bf16x2``), else the default."""
+    v = os.environ.get("TURBOPART_P3SAM_HEADS", "").strip().lower() or DEFAULT_HEADS_VARIANT
+    if v not in HEADS_VARIANTS:
+        warnings.warn(f"TURBOPART_P3SAM_HEADS={v!r} is not one of {HEADS_VARIANTS}; using "
+                      f"{DEFAULT_HEADS_VARIANT!r}", RuntimeWarning, stacklevel=2)
+        v = DEFAULT_HEADS_VARIANT
+    return v
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh_half(z, F16: tl.constexpr, ASM: tl.constexpr):
+        """tanh on the MUFU unit in 16-bit (f16: sm_75+, bf16: sm_90); the interpreter (no
+        inline PTX) evaluates it in fp32."""
+        if ASM:
+            if F16:
+                t = tl.inline_asm_elementwise("tanh.approx.f16 $0, $1;", "=h,h", [z],
+                                              dtype=tl.float16, is_pure=True, pack=1)
+            else:
+                t = tl.inline_asm_elementwise("tanh.approx.bf16 $0, $1;", "=h,h", [z],
+                                              dtype=tl.bfloat16, is_pure=True, pack=1)
+        else:
+            e = tl.exp(-2.0 * tl.abs(z))
+            t = (1.0 - e) / (1.0 + e)
+            t = tl.where(z < 0, -t, t)
+        return t
+
+    @triton.jit
+    def _gelu2_half(x, F16: tl.constexpr, ASM: tl.constexpr):
+        """2·GELU(x), tanh form, in the 16-bit type of ``x`` (packed two per instruction).
+        x² may overflow fp16 for |x| > 255: tanh(±inf) = ±1 gives the exact limits 2x / 0."""
+        if ASM:
+            t = _tanh_half(x * (x * x * 0.035677408136300125 + 0.7978845608028654), F16, ASM)
+            y = x * t + x
+        else:  # interpreter: fp32 (it has no 16-bit scalar constants)
+            xf = x.to(tl.float32)
+            t = _tanh_half(xf * (xf * xf * 0.035677408136300125 + 0.7978845608028654), F16, ASM)
+            y = (xf * t + xf).to(x.dtype)
+        return y
+
+    @triton.jit
+    def _half_a_tile(u_ptr, stride_un, v_row, wl_ptr, stride_wl, rows, rmask, cols, r0, r1,
+                     r2, HAS_R: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+        """2·GELU(U[rows, cols] + V[cols] (+ Σ_j R_j · Wl[j, cols])), 16-bit, a dot operand."""
+        x = tl.load(u_ptr + rows[:, None] * stride_un + cols[None, :], mask=rmask[:, None],
+                    other=0.0)
+        x = x + tl.load(v_row + cols)[None, :]
+        if HAS_R:
+            x = x + (r0 * tl.load(wl_ptr + cols)[None, :]
+                     + r1 * tl.load(wl_ptr + stride_wl + cols)[None, :]
+                     + r2 * tl.load(wl_ptr + 2 * stride_wl + cols)[None, :])
+        return _gelu2_half(x, F16, ASM)
+
+    @triton.jit
+    def _pair_mlp_half_kernel(
+            u_ptr, stride_un,  # [N, H*D] per-point first-layer terms, 16-bit type
+            v_ptr, stride_vk,  # [K, H*D] per-prompt first-layer terms, 16-bit type
+            r_ptr, stride_rk, stride_rh,  # [K, 3, N] previous logits, fp32 (HAS_R)
+            wl_ptr, stride_wl,  # [3, H*D] rank-3 weights, 16-bit type (HAS_R)
+            w2_ptr,  # [H, D, D] hidden layer / 2, (in, out), 16-bit type
+            b2_ptr,  # [H, D] 16-bit type
+            w3_ptr,  # logits, TC_OUT: [H*D, 16] 16-bit, column h = w3_h / 2, zero elsewhere;
+                     # logits: [H, D] fp32 w3 / 2; max mode: [D, D] / 2 (in, out) 16-bit
+            b3_ptr,  # logits: [H] fp32; max mode: unused
+            out_ptr, stride_ok, stride_oh,  # logits: [K, H, N] fp32; max: [K, D] running max
+            N, K,
+            H: tl.constexpr, D: tl.constexpr, HAS_R: tl.constexpr, MAX_MODE: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BN3: tl.constexpr,
+            F16: tl.constexpr, TC_OUT: tl.constexpr, ASM: tl.constexpr):
+        # Prompt index fastest, as in _pair_mlp_kernel (shared point tile and weights in L2).
+        pid = tl.program_id(0)
+        k = (pid % K).to(tl.int64)
+        tile = pid // K
+        rows32 = tile * BM + tl.arange(0, BM)
+        rmask = rows32 < N
+        rows = rows32.to(tl.int64)
+        CDT = w2_ptr.dtype.element_ty
+        v_row = v_ptr + k * stride_vk
+        if HAS_R:
+            rb = r_ptr + k * stride_rk + rows
+            r0 = tl.load(rb, mask=rmask, other=0.0).to(CDT)[:, None]
+            r1 = tl.load(rb + stride_rh, mask=rmask, other=0.0).to(CDT)[:, None]
+            r2 = tl.load(rb + 2 * stride_rh, mask=rmask, other=0.0).to(CDT)[:, None]
+        else:
+            r0 = tl.zeros([BM, 1], CDT)
+            r1 = r0
+            r2 = r0
+        offs_kk = tl.arange(0, BK)
+        if MAX_MODE:
+            offs_d = tl.arange(0, D)
+            acc = tl.zeros([BM, D], tl.float32)
+            for kt in range(0, D, BK):
+                cols = kt + offs_kk
+                a = _half_a_tile(u_ptr, stride_un, v_row, wl_ptr, stride_wl, rows, rmask, cols,
+                                 r0, r1, r2, HAS_R, F16, ASM)
+                w = tl.load(w2_ptr + cols[:, None] * D + offs_d[None, :])
+                acc = tl.dot(a, w, acc)
+            h2 = _gelu2_half(acc.to(CDT) + tl.load(b2_ptr + offs_d)[None, :], F16, ASM)
+            for nt in tl.static_range(D // BN3):
+                offs_o = nt * BN3 + tl.arange(0, BN3)
+                w3 = tl.load(w3_ptr + offs_d[:, None] * D + offs_o[None, :])
+                z = tl.dot(h2, w3)
+                z = tl.where(rmask[:, None], z, float("-inf"))
+                # Max is exact and order-free: atomics keep the result deterministic.
+                tl.atomic_max(out_ptr + k * stride_ok + offs_o, tl.max(z, axis=0))
+        else:
+            offs_h = tl.arange(0, 16)
+            lacc = tl.zeros([BM, 16], tl.float32)
+            for h in tl.static_range(H):
+                logit = tl.zeros([BM], tl.float32)
+                for nt in tl.static_range(D // BN):
+                    offs_n = nt * BN + tl.arange(0, BN)
+                    acc = tl.zeros([BM, BN], tl.float32)
+                    for kt in range(0, D, BK):
+                        a = _half_a_tile(u_ptr, stride_un, v_row, wl_ptr, stride_wl, rows,
+                                         rmask, h * D + kt + offs_kk, r0, r1, r2, HAS_R, F16,
+                                         ASM)
+                        w = tl.load(w2_ptr + h * D * D + (kt + offs_kk)[:, None] * D
+                                    + offs_n[None, :])
+                        acc = tl.dot(a, w, acc)
+                    y = _gelu2_half(acc.to(CDT) + tl.load(b2_ptr + h * D + offs_n)[None, :],
+                                    F16, ASM)
+                    if TC_OUT:
+                        # 1-wide output layer on the tensor cores: column h of [BN, 16]
+                        w3 = tl.load(w3_ptr + (h * D + offs_n)[:, None] * 16 + offs_h[None, :])
+                        lacc = tl.dot(y, w3, lacc)
+                    else:
+                        w3v = tl.load(w3_ptr + h * D + offs_n)
+                        logit += tl.sum(y.to(tl.float32) * w3v[None, :], axis=1)
+                if not TC_OUT:
+                    logit += tl.load(b3_ptr + h)
+                    tl.store(out_ptr + k * stride_ok + h * stride_oh + rows, logit, mask=rmask)
+            if TC_OUT:
+                hm = offs_h < H
+                res = lacc + tl.load(b3_ptr + offs_h, mask=hm, other=0.0)[None, :]
+                tl.store(out_ptr + k * stride_ok + offs_h[None, :] * stride_oh + rows[:, None],
+                         res, mask=rmask[:, None] & hm[None, :])
+
+
+@dataclass(frozen=True)
+class HalfConfig:
+    """Tiles of the half-precision kernel; ``tc``: the logit layer on the tensor cores."""
+
+    bm: int
+    bn: int
+    bk: int
+    bn3: int
+    warps: int
+    stages: int
+    tc: bool = False
+
+    def fit(self, d: int) -> "HalfConfig":
+        return HalfConfig(self.bm, min(self.bn, d), min(self.bk, d), min(self.bn3, d),
+                          self.warps, self.stages, self.tc)
+
+
+#: Candidates of the half-precision kernel, the first is the default (checked by compiling
+#: for sm_90a with Triton 3.6 / ptxas: no wgmma serialisation, no spills).  Logit kernels:
+#: (128, 256): half the weight traffic from L2 of (64, 512) at two first-layer evaluations;
+#: (64, 512): one evaluation; (256, 128) / (128, 128): tensor-core logit layer, 4 evaluations
+#: (stage 1) but a quarter / half the weight traffic.  Max kernels: (128, D) 1 CTA/SM,
+#: (64, D) with 4 warps: 2 CTAs/SM.
+HALF_LOGIT_CONFIGS = (HalfConfig(128, 256, 32, 64, 8, 3), HalfConfig(64, 512, 32, 64, 8, 3),
+                      HalfConfig(256, 128, 32, 64, 8, 3, True),
+                      HalfConfig(128, 128, 32, 64, 8, 3, True))
+HALF_MAX_CONFIGS = (HalfConfig(128, 0, 32, 64, 8, 3), HalfConfig(64, 0, 32, 64, 4, 3))
+#: Tiles used without tuning, by kernel shape (max mode, heads, width, has R), tried before
+#: the tables above (set them from ``benchmarks/heads_variants.py``'s tuned winners).
+HALF_FIXED_CONFIGS: dict[tuple[bool, int, int, bool], HalfConfig] = {
+    (False, 3, 512, False): HalfConfig(128, 256, 32, 64, 8, 3),
+    (False, 3, 256, True): HalfConfig(128, 256, 32, 64, 8, 3),
+    (True, 1, 256, True): HalfConfig(128, 0, 32, 64, 8, 3),
+}
+HALF_INTERPRET_CONFIGS = (HalfConfig(16, 16, 16, 16, 1, 1, True),
+                          HalfConfig(32, 16, 16, 16, 1, 1, False))
+
+
+def _half_terms_ok(u: torch.Tensor) -> bool:
+    """fp16 per-point terms are finite and within :data:`HALF_RANGE`."""
+    if u.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(u)
+    m = torch.maximum(-lo.float(), hi.float())
+    return bool(torch.isfinite(m) and m <= HALF_RANGE)
+
+
+class _HalfPairs(_TritonPairs):
+    """The half-precision fused kernel, falling back to :class:`_TritonPairs` (loudly, once
+    per process) when it does not compile/launch, and per call when fp16 could overflow."""
+
+    #: key -> HalfConfig chosen; key -> {config: seconds} of the tuning.
+    _half_tuned: dict[tuple, HalfConfig] = {}
+    half_tune_report: dict[tuple, dict[str, float]] = {}
+    #: Set when the kernel failed once in this process: every later call uses the parent.
+    _broken: str | None = None
+    #: Process-wide counts of kernel calls and of calls served by the bf16 kernel instead.
+    calls = 0
+    fallback_calls = 0
+    #: Candidate tables (the interpreter test swaps them).
+    logit_configs = HALF_LOGIT_CONFIGS
+    max_configs = HALF_MAX_CONFIGS
+
+    def __init__(self, tune: bool | None = None, dtype: torch.dtype = torch.float16):
+        super().__init__(tune, approx_gelu=True)
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"half kernel dtype must be float16 or bfloat16, got {dtype}")
+        self.dtype = dtype
+        self.fallbacks = 0  # calls that used the bf16 kernel (range or failure)
+
+    # ---------------------------------------------------------------- weights
+    def _weights(self, tail, max_mode: bool) -> dict:
+        """16-bit copies of a tail (halved W2/W3, bias), cached on the tail object."""
+        cache = tail.__dict__.setdefault("_half_cache", {})
+        if self.dtype in cache:
+            return cache[self.dtype]
+        dt = self.dtype
+        w2 = (tail.w2t.float() * 0.5).to(dt).contiguous()
+        out = {"w2": w2, "b2": tail.b2.to(dt).contiguous(),
+               "w2_colsum": float(w2.float().abs().sum(dim=1).amax()),
+               "b2_max": float(tail.b2.abs().amax())}
+        if max_mode:
+            out["w3"] = (tail.w3t.float() * 0.5).to(dt).contiguous()
+        else:
+            h, d = tail.w3.shape
+            pad = torch.zeros(h, d, 16, dtype=torch.float32, device=tail.w3.device)
+            for i in range(h):
+                pad[i, :, i] = tail.w3[i] * 0.5
+            out["w3_tc"] = pad.reshape(h * d, 16).to(dt).contiguous()
+            out["w3_cc"] = (tail.w3 * 0.5).float().contiguous()
+        finite = all(torch.isfinite(t).all() for t in out.values() if torch.is_tensor(t))
+        out["ok"] = bool(finite)
+        cache[dt] = out
+        return out
+
+    # ---------------------------------------------------------------- range
+    @staticmethod
+    def _absmax(t: torch.Tensor) -> float:
+        if t.numel() == 0:
+            return 0.0
+        lo, hi = torch.aminmax(t)
+        return float(torch.maximum(-lo.float(), hi.float()))
+
+    def _in_range(self, u, v, r, wl, wts) -> bool:
+        """Whether every fp16 intermediate is bounded by HALF_RANGE (bf16: always)."""
+        if self.dtype != torch.float16:
+            return True
+        if not wts["ok"]:
+            return False
+        b1 = self._absmax(u) + self._absmax(v)
+        if r is not None:
+            rmax = self._absmax(r)
+            if not rmax <= 60000.0:
+                return False
+            b1 += rmax * float(wl.abs().amax(dim=0).sum())
+        b2 = wts["b2_max"] + 2.0 * b1 * wts["w2_colsum"]
+        return bool(b1 <= HALF_RANGE and b2 <= HALF_RANGE)
+
+    # ---------------------------------------------------------------- launch
+    def _launch_half(self, cfg: HalfConfig, max_mode: bool, u, v16, r, wl16, wts, b3, out):
+        n, k = u.shape[0], v16.shape[0]
+        w2 = wts["w2"]
+        h, d, _ = w2.shape
+        if u.stride(1) != 1 or v16.stride(1) != 1:
+            raise ValueError("per-point/per-prompt terms must be contiguous along columns")
+        has_r = r is not None
+        if (has_r and r.stride(2) != 1) or (out.dim() == 3 and out.stride(2) != 1):
+            raise ValueError("logits must be contiguous along the point axis")
+        if not max_mode and cfg.tc and h > 16:
+            raise ValueError("the tensor-core logit layer handles at most 16 heads")
+        if max_mode:
+            w3 = wts["w3"]
+        else:
+            w3 = wts["w3_tc"] if cfg.tc else wts["w3_cc"]
+        grid = (triton.cdiv(n, cfg.bm) * k,)
+        _pair_mlp_half_kernel[grid](
+            u, u.stride(0), v16, v16.stride(0),
+            r if has_r else out, r.stride(0) if has_r else 0, r.stride(1) if has_r else 0,
+            wl16 if has_r else v16, wl16.stride(0) if has_r else 0, w2, wts["b2"], w3,
+            b3 if b3 is not None else out,
+            out, out.stride(0), out.stride(1) if out.dim() == 3 else 0,
+            n, k, H=h, D=d, HAS_R=has_r, MAX_MODE=max_mode, BM=cfg.bm,
+            BN=d if max_mode else cfg.bn, BK=cfg.bk, BN3=cfg.bn3,
+            F16=self.dtype == torch.float16, TC_OUT=bool(cfg.tc) and not max_mode,
+            ASM=not self.interpret, num_warps=cfg.warps, num_stages=cfg.stages)
+
+    def _candidates(self, max_mode: bool, d: int, key=None) -> list[HalfConfig]:
+        table = HALF_INTERPRET_CONFIGS if self.interpret else \
+            (self.max_configs if max_mode else self.logit_configs)
+        fixed = None if self.interpret or key is None else HALF_FIXED_CONFIGS.get(key)
+        cands = [c.fit(d) for c in ([fixed] if fixed is not None else []) + list(table)]
+        cands = [c for c in cands if d % c.bk == 0 and
+                 (d % c.bn3 == 0 if max_mode else d % c.bn == 0)]
+        return list(dict.fromkeys(cands))
+
+    def _run_half(self, max_mode, u, v16, r, wl16, wts, b3, out):
+        d = wts["w2"].shape[1]
+        key = (max_mode, wts["w2"].shape[0], d, r is not None, str(self.dtype), str(u.device))
+        cands = self._candidates(max_mode, d, key[:4])
+        if not cands:
+            raise RuntimeError(f"no half-kernel tiles fit width {d}")
+        cfg = self._half_tuned.get(key)
+        if cfg is None and self.tune and len(cands) > 1:
+            cfg = self._tune_half(key, cands, max_mode, u, v16, r, wl16, wts, b3, out)
+        if cfg is not None:
+            self._launch_half(cfg, max_mode, u, v16, r, wl16, wts, b3, out)
+            return
+        # First launch without tuning: the first candidate that compiles.
+        errors = []
+        for c in cands:
+            try:
+                self._launch_half(c, max_mode, u, v16, r, wl16, wts, b3, out)
+            except Exception as exc:
+                if memory.is_oom(exc) or isinstance(exc, ValueError):
+                    raise
+                errors.append(f"{c}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            if errors:
+                warnings.warn("P3-SAM half kernel: tiles failed (" + "; ".join(errors)
+                              + f"); using {c}", RuntimeWarning)
+            self._half_tuned[key] = c
+            return
+        raise RuntimeError("no tiles of the P3-SAM half kernel launched: " + "; ".join(errors))
+
+    def _tune_half(self, key, cands, max_mode, u, v16, r, wl16, wts, b3, out):
+        ks = min(v16.shape[0], 64)
+        scratch = torch.full_like(out[:ks], float("-inf")) if max_mode else \
+            torch.empty_like(out[:ks])
+        rr = None if r is None else r[:ks]
+        times: dict[HalfConfig, float] = {}
+        for c in cands:
+            try:
+                self._launch_half(c, max_mode, u, v16[:ks], rr, wl16, wts, b3, scratch)
+                torch.cuda.synchronize(u.device)
+                t0 = torch.cuda.Event(enable_timing=True)
+                t1 = torch.cuda.Event(enable_timing=True)
+                t0.record()
+                for _ in range(3):
+                    self._launch_half(c, max_mode, u, v16[:ks], rr, wl16, wts, b3, scratch)
+                t1.record()
+                t1.synchronize()
+                times[c] = t0.elapsed_time(t1) / 3e3
+            except Exception as exc:
+                if memory.is_oom(exc):
+                    raise
+                continue
+        if not times:
+            return None
+        best = min(times, key=times.get)
+        self._half_tuned[key] = best
+        self.half_tune_report[key] = {str(c): t for c, t in times.items()}
+        return best
+
+    # ---------------------------------------------------------------- entry points
+    def _half(self, max_mode: bool, u, v, r, wl, tail, out) -> bool:
+        """Run the half kernel; False when the caller must use the bf16 kernel instead."""
+        if _HalfPairs._broken is not None or u.dtype != self.dtype:
+            return False
+        wts = self._weights(tail, max_mode)
+        if not self._in_range(u, v, r, wl, wts):
+            if not getattr(_HalfPairs, "_range_warned", False):
+                _HalfPairs._range_warned = True
+                warnings.warn("P3-SAM half kernel: values could overflow fp16; using the bf16 "
+                              "kernel for them", RuntimeWarning, stacklevel=3)
+            return False
+        v16 = v.to(self.dtype).contiguous()
+        wl16 = None if r is None else wl.t().to(self.dtype).contiguous()  # [3, W]
+        saved = out.clone() if max_mode else None
+        try:
+            self._run_half(max_mode, u, v16, r, wl16, wts, None if max_mode else tail.b3, out)
+        except Exception as exc:
+            if memory.is_oom(exc):
+                raise
+            _HalfPairs._broken = f"{type(exc).__name__}: {str(exc)[:300]}"
+            warnings.warn(f"P3-SAM half kernel unavailable ({_HalfPairs._broken}); using the "
+                          "bf16 Triton kernel", RuntimeWarning, stacklevel=3)
+            if saved is not None:
+                out.copy_(saved)
+            return False
+        return True
+
+    def logits(self, u, v, r, wl, tail: _LogitTail, out: torch.Tensor) -> None:
+        _HalfPairs.calls += 1
+        if not self._half(False, u, v, r, wl, tail, out):
+            self.fallbacks += 1
+            _HalfPairs.fallback_calls += 1
+            super().logits(u, v, r, wl, tail, out)
+
+    def max(self, u, v, r, wl, tail: _MaxTail, out: torch.Tensor) -> None:
+        _HalfPairs.calls += 1
+        if not self._half(True, u, v, r, wl, tail, out):
+            self.fallbacks += 1
+            _HalfPairs.fallback_calls += 1
+            super().max(u, v, r, wl, tail, out)
 
 
 # =========================================================================== evaluation
@@ -658,15 +1152,21 @@ class P3SAMPredictor:
     ``"triton"``.  ``max_prompt_batch`` / ``max_point_chunk`` cap the memory-derived sizes
     (tests force tiny ones).  Fast-mode options of the Triton kernel: ``approx_gelu`` (tanh
     GELU on the MUFU unit instead of erf; |Δ| <= 5e-4, below the bf16 rounding that follows),
-    ``tune`` (time the tile candidates once per shape), ``fp32_point_terms`` (keep the
-    per-point first-layer terms in fp32 instead of bf16: 2x their memory).
+    ``tune`` (time the tile candidates once per shape; default None: only with
+    ``TURBOPART_P3SAM_TUNE=1``, else the fixed tiles of :data:`FIXED_CONFIGS`),
+    ``fp32_point_terms`` (keep the
+    per-point first-layer terms in fp32 instead of bf16: 2x their memory), ``heads``: the
+    fused kernel's element-wise precision, ``"bf16"`` (fp32 math, the original kernel),
+    ``"f16"`` / ``"bf16x2"`` (packed 16-bit math, :class:`_HalfPairs`; ``"f16"`` also keeps
+    the per-point terms in fp16); default ``TURBOPART_P3SAM_HEADS`` or
+    :data:`DEFAULT_HEADS_VARIANT`.
     """
 
     def __init__(self, model: nn.Module, *, numerics: Numerics | str = "fast",
                  device: torch.device | str | None = None, kernel: str = "auto",
                  max_prompt_batch: int | None = None, max_point_chunk: int | None = None,
-                 fp32_point_terms: bool | None = None, tune: bool = True,
-                 approx_gelu: bool = True):
+                 fp32_point_terms: bool | None = None, tune: bool | None = None,
+                 approx_gelu: bool = True, heads: str | None = None):
         self.model = model
         self.numerics = Numerics.parse(numerics)
         if device is None:
@@ -688,9 +1188,19 @@ class P3SAMPredictor:
         self.max_point_chunk = max_point_chunk
         self.tune = tune
         self.approx_gelu = approx_gelu
+        heads = heads_variant_default() if heads is None else str(heads).lower()
+        if heads not in HEADS_VARIANTS:
+            raise ValueError(f"heads must be one of {HEADS_VARIANTS}, got {heads!r}")
+        self.heads_variant = heads
+        # the half kernel computes the tanh GELU only; exact/CPU never use it
+        self._half = kernel == "triton" and heads != "bf16" and approx_gelu \
+            and self.numerics is Numerics.FAST
+        explicit_fp32 = bool(fp32_point_terms)
         if fp32_point_terms is None:
             fp32_point_terms = self.compute_dtype == torch.float32
         self.point_dtype = torch.float32 if fp32_point_terms else self.compute_dtype
+        if self._half and heads == "f16" and not explicit_fp32:
+            self.point_dtype = torch.float16
         self.heads = SplitHeads.from_model(model, compute_dtype=self.compute_dtype,
                                            device=self.device)
         self.terms: PointTerms | None = None
@@ -731,6 +1241,13 @@ class P3SAMPredictor:
         with self._exact_context():
             self.terms = point_terms(self.heads, feats, points, dtype=self.point_dtype,
                                      tf32=self.numerics is Numerics.FAST)
+        if self.point_dtype == torch.float16 and not _half_terms_ok(self.terms.u):
+            # fp16 would overflow for these features: bf16 terms (the half kernel then
+            # defers to the bf16 kernel, which reads any term dtype)
+            warnings.warn("P3-SAM: per-point terms exceed the fp16 range; using bf16 terms and "
+                          "the bf16 kernel for this point set", RuntimeWarning, stacklevel=2)
+            self.terms = point_terms(self.heads, feats, points, dtype=self.compute_dtype,
+                                     tf32=self.numerics is Numerics.FAST)
 
     # ------------------------------------------------------------------ prompts
     def _exact_context(self):
@@ -758,6 +1275,9 @@ class P3SAMPredictor:
 
     def _kernel(self, chunk: int):
         if self.kernel_name == "triton":
+            if self._half:
+                return _HalfPairs(self.tune, torch.float16 if self.heads_variant == "f16"
+                                  else torch.bfloat16)
             return _TritonPairs(self.tune, self.approx_gelu)
         return _TorchPairs(chunk)
 
@@ -804,6 +1324,8 @@ class P3SAMPredictor:
         kernel = self._kernel(chunk)
         self.last_batch = {"prompt_batch": kb, "point_chunk": chunk if kernel.name == "torch"
                            else n, "kernel": kernel.name}
+        if isinstance(kernel, _HalfPairs):
+            self.last_batch["heads"] = self.heads_variant
         dev = self.device
         masks = torch.empty(p, n, dtype=torch.bool, device=dev)
         all_masks = torch.empty(p, NUM_MASKS, n, dtype=torch.bool, device=dev) \
@@ -841,4 +1363,4 @@ class P3SAMPredictor:
 
 __all__ = ["P3SAMPredictor", "PromptPredictions", "SplitHeads", "PointTerms", "HeadOutputs",
            "point_terms", "prompt_terms", "evaluate_prompts", "triton_available",
-           "KernelConfig"]
+           "KernelConfig", "HalfConfig", "HEADS_VARIANTS", "heads_variant_default"]

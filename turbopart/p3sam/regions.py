@@ -97,20 +97,26 @@ def region_areas(face_region: np.ndarray, face_areas: np.ndarray, n: int) -> np.
 def face_vertex_bounds(vertices: np.ndarray, faces: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Per-face (min xyz, max xyz) over its three vertices, float64."""
-    tri = np.asarray(vertices, dtype=np.float64)[np.asarray(faces)]
-    return tri.min(axis=1), tri.max(axis=1)
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces)
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    return np.minimum(np.minimum(a, b), c), np.maximum(np.maximum(a, b), c)
 
 
 def group_boxes(group: np.ndarray, n: int, fmin: np.ndarray, fmax: np.ndarray
                 ) -> np.ndarray:
     """Per-group vertex boxes ``[n, 2, 3]`` (min, max) from per-face bounds; groups with no
-    face get (+inf, -inf)."""
-    idx = torch.from_numpy(np.asarray(group, dtype=np.int64))[:, None].expand(-1, 3)
-    lo = torch.full((n, 3), np.inf, dtype=torch.float64)
-    hi = torch.full((n, 3), -np.inf, dtype=torch.float64)
-    lo.scatter_reduce_(0, idx, torch.from_numpy(np.ascontiguousarray(fmin)), "amin")
-    hi.scatter_reduce_(0, idx, torch.from_numpy(np.ascontiguousarray(fmax)), "amax")
-    return torch.stack([lo, hi], dim=1).numpy()
+    face get (+inf, -inf).  One sort and two segment reductions (exact)."""
+    group = np.asarray(group, dtype=np.int64).reshape(-1)
+    lo = np.full((n, 3), np.inf)
+    hi = np.full((n, 3), -np.inf)
+    if group.size:
+        order = np.argsort(group, kind="stable")
+        gs = group[order]
+        st = np.flatnonzero(np.concatenate(([True], gs[1:] != gs[:-1])))
+        lo[gs[st]] = np.minimum.reduceat(np.asarray(fmin, dtype=np.float64)[order], st, axis=0)
+        hi[gs[st]] = np.maximum.reduceat(np.asarray(fmax, dtype=np.float64)[order], st, axis=0)
+    return np.stack([lo, hi], axis=1)
 
 
 def label_boxes(labels: np.ndarray, fmin: np.ndarray, fmax: np.ndarray,

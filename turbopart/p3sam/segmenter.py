@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import trimesh
 
 from ..mesh import as_mesh, clean_mesh, normalize_mesh, sample_surface
 from ..runtime.precision import Numerics
@@ -43,6 +42,9 @@ from . import regions as R
 from .automask import (VARIANTS, AutomaskConfig, AutomaskResult, PreparedMesh,
                        prepare_points, run_automask)
 from ..geometry.adjacency import FaceGraph
+from .. import _lazy_import
+
+trimesh = _lazy_import("trimesh")  # imported on first use (start-up time)
 
 
 @dataclass

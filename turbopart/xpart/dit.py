@@ -29,19 +29,30 @@ Linear weights (``turbopart.weights`` loads them so), fuses q/k/v (one [3D, D] G
 cross k/v, and runs the MoE as sorted-token grouped GEMMs without host synchronisation.
 Fused weights are *views*: the official parameters are re-pointed into the stacked tensors,
 so no second copy is kept.
+
+The ``fast`` sampling step (:class:`~turbopart.xpart.dit_runner.DiTRunner`) runs
+:meth:`PartFormerDiT.forward_fused`: the same function as ``forward`` with the memory-bound
+glue fused (:mod:`turbopart.nn.kernels.rownorm`): every fp32 residual update writes the
+LayerNorm(s) that read it (two for the parallel cross-attentions, the next block's norm1, the
+final norm), skips are kept as the compute-dtype copies the concatenation reads, q/k RMSNorms
+read the fused projection outputs, the MoE combine rides in the residual update
+(:class:`StepOptions`).  ``forward`` keeps the per-block modules (``exact``, golden runs).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import attention
-from ..nn.moe import MoE, PAD, grouped_mm_supported, linear, linear_wb
+from ..nn.attention import BACKENDS as SDPA_BACKENDS, attention, backend_context
+from ..nn.kernels import gemm, rownorm
+from ..nn.moe import (MoE, PAD, combine_routes, ffn, grouped_mm_supported, linear, linear_wb,
+                      moe_grouped_parts)
 from ..nn.norms import apply_norm, norm_eps, rms_norm, rms_rounding
 from ..runtime.precision import Numerics, autocast
 
@@ -481,6 +492,123 @@ class FinalLayer(nn.Module):
         return linear(x.to(cd), self.linear)
 
 
+# --------------------------------------------------------------------------- fused fast step
+
+#: Triton kernel groups of the fused ``fast`` step (:class:`StepOptions`):
+#: ``ln`` residual update + LayerNorm(s) in one pass (time-token/part-embedding assembly,
+#: skip concatenation halves and the final norm included); ``qk`` per-head q/k RMSNorm
+#: reading the fused projection outputs; ``moe`` the MoE combine folded into the residual
+#: update (needs ``ln``).  ``all`` = these.
+KERNEL_GROUPS = ("ln", "qk", "moe")
+#: Experimental groups, only when named (``all+gelu`` or a list): ``gelu`` the dense FFN's and
+#: the shared expert's first Linear with its GELU as one Triton GEMM
+#: (:mod:`turbopart.nn.kernels.gemm`).
+OPTIONAL_KERNEL_GROUPS = ("gelu",)
+#: Attention kinds whose SDPA backend can be chosen separately.
+ATTN_KINDS = ("local", "global", "cross")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How a ``fast`` DiT step runs (see :meth:`PartFormerDiT.forward_fused`).
+
+    * ``fused``: the fused-stream step (False: the per-block modules, ``DiTBlock.forward``);
+    * ``kernels``: the Triton kernel groups in use (each falls back to its PyTorch
+      formulation, which computes the same function);
+    * ``sdpa``: SDPA backend per attention kind (``"auto"``: PyTorch's choice);
+    * ``kv_layout``: cross-attention K/V computed per step (uncached blocks): ``"strided"``
+      = k normalised in place inside the fused k/v GEMM output and both read as strided
+      views, ``"contiguous"`` = the cache's [B, H, S, hd] copies.
+    """
+
+    fused: bool = True
+    kernels: frozenset = frozenset()
+    sdpa: tuple = tuple((k, "auto") for k in ATTN_KINDS)
+    kv_layout: str = "strided"
+
+    @staticmethod
+    def parse_kernels(spec: str | Sequence[str] | None) -> tuple[bool, frozenset]:
+        """``"all"``/``"1"``: the default groups; ``"none"``/``"torch"``: the fused step with
+        PyTorch ops only; ``"legacy"``/``"0"``/``"off"``: the per-block modules; or a comma
+        list of groups (``all`` may appear in it, e.g. ``all,gelu`` or ``all+gelu``)."""
+        if spec is None:
+            spec = "all"
+        if not isinstance(spec, str):
+            spec = ",".join(spec)
+        s = spec.strip().lower().replace("+", ",")
+        if s in ("legacy", "0", "off", "false", "blocks"):
+            return False, frozenset()
+        if s in ("1", "on", "true", "default", ""):
+            return True, frozenset(KERNEL_GROUPS)
+        if s in ("none", "torch"):
+            return True, frozenset()
+        names = set(x.strip() for x in s.split(",") if x.strip())
+        if "all" in names:
+            names = (names - {"all"}) | set(KERNEL_GROUPS)
+        names = frozenset(names)
+        bad = names - set(KERNEL_GROUPS) - set(OPTIONAL_KERNEL_GROUPS)
+        if bad:
+            raise ValueError(f"unknown DiT kernel group(s) {sorted(bad)}; choose from "
+                             f"{KERNEL_GROUPS + OPTIONAL_KERNEL_GROUPS}, 'all', 'none' or "
+                             f"'legacy'")
+        return True, names
+
+    @staticmethod
+    def parse_sdpa(spec: str | None) -> tuple:
+        """``"cudnn"`` (all kinds) or ``"local=flash,global=cudnn,cross=cudnn"``."""
+        out = {k: "auto" for k in ATTN_KINDS}
+        s = (spec or "auto").strip().lower()
+        for part in s.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" in part:
+                kind, name = (x.strip() for x in part.split("=", 1))
+                kinds = [kind]
+            else:
+                kinds, name = list(ATTN_KINDS), part
+            if name not in SDPA_BACKENDS or any(k not in ATTN_KINDS for k in kinds):
+                raise ValueError(f"bad SDPA spec {spec!r}: kinds {ATTN_KINDS}, backends "
+                                 f"{SDPA_BACKENDS}")
+            for k in kinds:
+                out[k] = name
+        return tuple(out.items())
+
+    @property
+    def uniform_sdpa(self) -> str | None:
+        """The backend when all kinds use the same one (else None)."""
+        names = {n for _, n in self.sdpa}
+        return names.pop() if len(names) == 1 else None
+
+    def backend(self, kind: str) -> str:
+        return dict(self.sdpa)[kind]
+
+    def describe(self) -> str:
+        if not self.fused:
+            path = "legacy"
+        else:
+            path = "fused[" + (",".join(g for g in KERNEL_GROUPS + OPTIONAL_KERNEL_GROUPS
+                                        if g in self.kernels) or "torch") + "]"
+        sd = self.uniform_sdpa or ",".join(f"{k}={n}" for k, n in self.sdpa)
+        return f"{path} sdpa={sd} kv={self.kv_layout}"
+
+
+def _ln_spec(mod: nn.Module) -> tuple:
+    """(fp32 weight | None, fp32 bias | None, eps) of a LayerNorm for the fused kernels."""
+    w = None if mod.weight is None else mod.weight.detach().float().contiguous()
+    b = None if mod.bias is None else mod.bias.detach().float().contiguous()
+    return w, b, float(mod.eps)
+
+
+def _rms_ok(mod: nn.Module, head_dim: int) -> bool:
+    return isinstance(mod, nn.RMSNorm) and mod.weight is not None and \
+        head_dim & (head_dim - 1) == 0
+
+
+def _rms_w(mod: nn.Module) -> torch.Tensor:
+    return mod.weight.detach().float().contiguous()
+
+
 class PartFormerDiT(nn.Module):
     """``PartFormerDITPlain`` with the official state-dict layout.
 
@@ -607,6 +735,251 @@ class PartFormerDiT(nn.Module):
             if i < half:
                 skips.append(h)
         return h
+
+    # ------------------------------------------------------------------ fused fast step
+
+    def fused_supported(self) -> bool:
+        """Whether :meth:`forward_fused` applies: ``fast`` numerics and the official block
+        structure (fp32 stream from the part embedding, LayerNorm blocks, self-attention)."""
+        p = self.params
+        return (self.numerics is Numerics.FAST and self.use_part_embed and not self.use_pos_emb
+                and p["norm_type"] == "layer" and p["use_self_attention"])
+
+    def forward_fused(self, x: torch.Tensor, c: torch.Tensor, part_index: torch.Tensor,
+                      obj: torch.Tensor | None, geo: torch.Tensor | None, kv: list | None,
+                      opts: StepOptions) -> torch.Tensor:
+        """One ``fast`` step as a fused stream: velocity [K, n, C] (compute dtype).
+
+        Same function as ``final_layer(run_blocks(embed(x, c, part_index)))`` up to fp32
+        reduction order: every residual update is fused with the LayerNorm(s) that read its
+        result (the next block's norm1 included), the skip concatenation's halves are written
+        by the kernels that produce them (skips are kept as compute-dtype copies, which is
+        what the concatenation reads), q/k RMSNorms read the fused projection outputs, the
+        MoE combine rides in the residual update.  ``c``: time tokens [1 or K, 1, D];
+        ``kv[i]``: cached ``cross_kv`` of block i or None (computed here from ``obj``/``geo``).
+        """
+        cd = self.cd
+        k, n, _ = x.shape
+        d, depth = self.hidden_size, self.depth
+        half = depth // 2
+        L = n + 1
+        dev = x.device
+        blocks = self.blocks
+        use_ln = "ln" in opts.kernels
+        xe = linear(x.to(cd), self.x_embedder)
+        idx = torch.as_tensor(part_index, device=dev).reshape(-1).long()
+        x1 = torch.empty(k, L, d, device=dev, dtype=cd)
+        if use_ln:
+            h = torch.empty(k, L, d, device=dev, dtype=torch.float32)
+            rownorm.embed_ln(xe, c, self.part_embed, idx, _ln_spec(blocks[0].norm1), h, x1)
+        else:
+            # fp32 part embedding + compute-dtype projection → fp32 stream, time token first
+            h = torch.cat([c.expand(k, 1, d), xe + self.part_embed[idx].unsqueeze(1)], dim=1)
+            x1.copy_(apply_norm(blocks[0].norm1, h))
+        del xe
+        skips: list[torch.Tensor] = []
+        cat: torch.Tensor | None = None
+        out = None
+        for i, blk in enumerate(blocks):
+            if blk.has_skip:
+                # Official quirk: skip first.  Both halves were written by earlier kernels.
+                z = linear(cat, blk.skip_linear)
+                cat = None
+                x1 = torch.empty(k, L, d, device=dev, dtype=cd)
+                h = self._update(z, opts, pre=blk.skip_norm, norms=[(blk.norm1, x1, 0)])
+                del z
+            o = self._self_attn_fused(blk.attn1, x1, opts).view(k, L, d)
+            del x1
+            moe = blk.use_moe and blk.moe.impl == "grouped"
+            # MoE input rows [T, D+PAD] (bias column), allocated with a row stride that is a
+            # multiple of 16 elements (aligned rows for the kernels and the grouped GEMM)
+            x3 = torch.empty(k * L, d + -(-PAD // 16) * 16, device=dev,
+                             dtype=cd)[:, :d + PAD] if moe else \
+                torch.empty(k, L, d, device=dev, dtype=cd)
+            f_norm = [(blk.norm3, x3, PAD if moe else 0)]
+            cross = [(blk.attn2, blk.norm2, 0)] if blk.use_cross_attention else []
+            if blk.use_cross_attention_2:
+                cross.append((blk.attn2_2, blk.norm2_2, 1))
+            if cross:
+                xs = [torch.empty(k, L, d, device=dev, dtype=cd) for _ in cross]
+                h = self._update(h, opts, adds=[o], norms=[(nm, xq, 0) for (_, nm, _), xq
+                                                           in zip(cross, xs)])
+                del o
+                kvs = kv[i] if kv is not None and kv[i] is not None else \
+                    self._step_kv(blk, obj, geo, opts)
+                outs = [self._cross_fused(attn, xq, kvs[j], opts)
+                        for (attn, _, j), xq in zip(cross, xs)]
+                del xs, kvs
+                h = self._update(h, opts, adds=outs, norms=f_norm)
+                del outs
+            else:
+                h = self._update(h, opts, adds=[o], norms=f_norm)
+                del o
+            # feed-forward
+            parts = None
+            fc1_gelu = gemm.linear_gelu if "gelu" in opts.kernels else None
+            if moe:
+                parts = moe_grouped_parts(blk.moe, x3[:, :d], x3, fc1_gelu=fc1_gelu)
+                adds = []
+            elif blk.use_moe:
+                adds = [blk.moe(x3.view(-1, d)).view(k, L, d)]
+            elif fc1_gelu is not None:
+                hid = fc1_gelu(x3.view(-1, d), blk.mlp.fc1.weight, blk.mlp.fc1.bias)
+                adds = [linear(hid, blk.mlp.fc2).view(k, L, d)]
+                del hid
+            else:
+                adds = [ffn(x3, blk.mlp.fc1, blk.mlp.fc2, inplace=True)]
+            del x3
+            # residual update fused with what reads it next
+            if i == depth - 1:
+                xf = torch.empty(k, L, d, device=dev, dtype=cd)
+                self._update(h, opts, adds=adds, moe=parts, write_h=False,
+                             norms=[(self.final_layer.norm_final, xf, 0)])
+                h = None
+                # Official: LayerNorm, drop the time token, Linear.
+                out = linear(xf[:, 1:].contiguous(), self.final_layer.linear)
+            elif blocks[i + 1].has_skip:
+                cat = torch.empty(k, L, 2 * d, device=dev, dtype=cd)
+                src = skips.pop()
+                self._update(h, opts, adds=adds, moe=parts, write_h=False, hb=cat[..., d:],
+                             skip_copy=(src, cat[..., :d]))
+                h = None
+                del src
+            else:
+                x1 = torch.empty(k, L, d, device=dev, dtype=cd)
+                hb = None
+                if i < half:
+                    hb = torch.empty(k, L, d, device=dev, dtype=cd)
+                    skips.append(hb)
+                h = self._update(h, opts, adds=adds, moe=parts, hb=hb,
+                                 norms=[(blocks[i + 1].norm1, x1, 0)])
+            del adds, parts
+        return out
+
+    def _update(self, base: torch.Tensor, opts: StepOptions, *, pre: nn.Module | None = None,
+                adds: Sequence[torch.Tensor] = (), moe: tuple | None = None,
+                norms: Sequence[tuple[nn.Module, torch.Tensor, int]] = (),
+                write_h: bool = True, hb: torch.Tensor | None = None,
+                skip_copy: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor | None:
+        """h = pre(base) + adds (+ MoE combine); write LN_i(h) into the ``norms`` outputs."""
+        if "ln" in opts.kernels:
+            if moe is not None and "moe" not in opts.kernels:
+                adds = list(adds) + [combine_routes(*moe).view(base.shape)]
+                moe = None
+            h_out = None
+            if write_h:
+                h_out = base if (pre is None and base.dtype == torch.float32) else \
+                    torch.empty(base.shape, device=base.device, dtype=torch.float32)
+            rownorm.residual_ln(
+                base, pre=None if pre is None else _ln_spec(pre), adds=adds, moe=moe,
+                norms=[(_ln_spec(m), o, pad) for m, o, pad in norms], h_out=h_out,
+                hb_out=hb, skip_copy=skip_copy)
+            return h_out
+        # The PyTorch formulation (the per-block modules' arithmetic, op for op).
+        h = apply_norm(pre, base) if pre is not None else base
+        for a in adds:
+            h = h + a
+        if moe is not None:
+            h = h + combine_routes(*moe).view(h.shape)
+        d = h.shape[-1]
+        for mod, o, pad in norms:
+            o2 = o.view(-1, o.shape[-1])
+            o2[:, :d] = apply_norm(mod, h).reshape(-1, d)
+            if pad:
+                o2[:, d:] = 0.0
+                o2[:, d] = 1.0
+        if hb is not None:
+            hb.copy_(h)
+        if skip_copy is not None:
+            skip_copy[1].copy_(skip_copy[0])
+        return h
+
+    def _sdpa(self, kind: str, opts: StepOptions, q, k, v) -> torch.Tensor:
+        name = opts.backend(kind) if opts.uniform_sdpa is None else "auto"
+        if name == "auto":
+            return attention(q, k, v)
+        with backend_context(name):
+            return attention(q, k, v)
+
+    def _self_attn_fused(self, attn: "SelfAttention", x1: torch.Tensor, opts: StepOptions
+                         ) -> torch.Tensor:
+        """Self-attention of the norm1 output [K, L, D] → out_proj output [K·L, D]."""
+        k, L, d = x1.shape
+        t = k * L
+        hh, hd = attn.heads, attn.head_dim
+        cd = x1.dtype
+        x2 = x1.view(t, d)
+        if attn.qkv is not None:
+            u = linear_wb(x2, *attn.qkv)
+        else:
+            u = torch.cat([linear(x2, attn.to_q), linear(x2, attn.to_k), linear(x2, attn.to_v)],
+                          dim=-1)
+        # Official quirk: cat(q, k, v) viewed as [heads, 3, head_dim] (spec §2.6).
+        u = u.view(t, hh, 3, hd)
+        if "qk" in opts.kernels and _rms_ok(attn.q_norm, hd) and _rms_ok(attn.k_norm, hd):
+            q = torch.empty(t, hh, hd, device=u.device, dtype=cd)
+            kk = torch.empty(t, hh, hd, device=u.device, dtype=cd)
+            rownorm.rms_heads(u[:, :, 0], _rms_w(attn.q_norm), norm_eps(attn.q_norm), q,
+                              x2=u[:, :, 1], w2=_rms_w(attn.k_norm),
+                              eps2=norm_eps(attn.k_norm), out2=kk,
+                              double=attn.rms_mode == "double")
+        else:
+            q, kk = attn._norm_pair(u[:, :, :2], "q_norm", "k_norm", attn.qk_pair)
+            q, kk = q.to(cd), kk.to(cd)
+        v = u[:, :, 2]
+        # Global blocks: all parts (time tokens included) as one sequence.
+        b, n = (1, t) if attn.use_global else (k, L)
+        o = self._sdpa("global" if attn.use_global else "local", opts,
+                       q.reshape(b, n, hh, hd).transpose(1, 2),
+                       kk.reshape(b, n, hh, hd).transpose(1, 2),
+                       v.reshape(b, n, hh, hd).transpose(1, 2))
+        return linear(o.transpose(1, 2).reshape(t, d), attn.out_proj)
+
+    def _cross_fused(self, attn: "CrossAttention", xq: torch.Tensor, kv: tuple,
+                     opts: StepOptions) -> torch.Tensor:
+        """Cross-attention of a norm output [K, L, D] to cached/step K/V → [K, L, D]."""
+        k, L, d = xq.shape
+        t = k * L
+        hh, hd = attn.heads, attn.head_dim
+        q = linear(xq.view(t, d), attn.to_q).view(t, hh, hd)
+        if "qk" in opts.kernels and _rms_ok(attn.q_norm, hd):
+            rownorm.rms_heads(q, _rms_w(attn.q_norm), norm_eps(attn.q_norm), q,
+                              double=attn.rms_mode == "double")
+        else:
+            q = attn._norm("q_norm", q).to(xq.dtype)
+        q4 = q.reshape(k, L, hh, hd).transpose(1, 2)
+        o = self._sdpa("cross", opts, q4, kv[0], kv[1])
+        if attn.with_dca:
+            o = o + attn.dca_weight * self._sdpa("cross", opts, q4, kv[2], kv[3])
+        return linear(o.transpose(1, 2).reshape(t, d), attn.out_proj).view(k, L, d)
+
+    def _step_kv(self, blk: "DiTBlock", obj: torch.Tensor | None, geo: torch.Tensor | None,
+                 opts: StepOptions) -> tuple:
+        """Cross K/V of an uncached block, computed in the step."""
+        cd = self.cd
+        a = self._kv_fused(blk.attn2, obj.to(cd), opts) if blk.use_cross_attention else None
+        b = self._kv_fused(blk.attn2_2, geo.to(cd), opts) if blk.use_cross_attention_2 \
+            else None
+        return a, b
+
+    def _kv_fused(self, attn: "CrossAttention", y: torch.Tensor, opts: StepOptions) -> tuple:
+        hh, hd = attn.heads, attn.head_dim
+        if (opts.kv_layout != "strided" or attn.with_dca or attn.kv_fused is None
+                or not _rms_ok(attn.k_norm, hd)):
+            return attn.kv(y)
+        bsz, s, e = y.shape
+        kvp = linear_wb(y.reshape(bsz * s, e), *attn.kv_fused).view(bsz * s, hh, 2, hd)
+        # Official quirk: cat(k, v) viewed as [heads, 2, head_dim] (spec §2.7); k_norm in
+        # place, then k and v are read as strided [B, H, S, hd] views.
+        kh = kvp[:, :, 0]
+        if "qk" in opts.kernels:
+            rownorm.rms_heads(kh, _rms_w(attn.k_norm), norm_eps(attn.k_norm), kh,
+                              double=attn.rms_mode == "double")
+        else:
+            kh.copy_(attn._norm("k_norm", kh))
+        kvp = kvp.view(bsz, s, hh, 2, hd)
+        return kvp[:, :, :, 0].transpose(1, 2), kvp[:, :, :, 1].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, contexts: Mapping[str, torch.Tensor],
                 part_index: torch.Tensor | None = None, *, record: dict | None = None,

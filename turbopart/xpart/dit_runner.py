@@ -16,8 +16,25 @@ For a fixed set of K parts and a fixed condition, :class:`DiTRunner`
   told to round fused intermediates where eager rounds (``emulate_precision_casts``), so a
   compiled block computes what the eager block computes.
 
-Everything is output-identical to :meth:`PartFormerDiT.forward` on the same inputs (the
-K/V of a block is the same GEMM on the same condition, computed earlier).
+``fast`` steps run :meth:`PartFormerDiT.forward_fused` (the fused stream: residual updates
+fused with the LayerNorms that read them, fused q/k RMSNorm, the MoE combine in the residual
+kernel; Triton kernels on CUDA, each with its PyTorch formulation as the fallback).  Switches
+(keyword arguments, else environment variables; defaults in brackets):
+
+* ``kernels`` / ``TURBOPART_DIT_KERNELS`` [``all``]: ``all``, ``none`` (fused stream, PyTorch
+  ops only), ``legacy`` (the per-block modules, ``DiTBlock.forward``) or a comma list of
+  :data:`~turbopart.xpart.dit.KERNEL_GROUPS` (``ln,qk,moe``);
+* ``sdpa`` / ``TURBOPART_DIT_SDPA`` [``auto``]: SDPA backend (``auto``, ``cudnn``,
+  ``flash``, ``efficient``), for all attentions or per kind (``local=..,global=..,cross=..``);
+* ``kv_layout`` / ``TURBOPART_DIT_KV_LAYOUT`` [``strided``]: layout of the cross K/V of
+  uncached blocks (see :class:`~turbopart.xpart.dit.StepOptions`).
+
+A failing fused step (a kernel that does not compile or launch) warns and falls back to
+the per-block modules.  ``exact`` always runs the per-block modules, op for op.
+
+Everything computes what :meth:`PartFormerDiT.forward` computes on the same inputs (the
+K/V of a block is the same GEMM on the same condition, computed earlier; the fused step
+differs only in fp32 reduction order).
 
 :func:`denoise` is the official sampling loop (``PartFormerPipeline.__call__`` step 6, spec
 §5.2) on top of a runner: one explicit part-embedding draw per step, the scheduler's dtype
@@ -25,6 +42,7 @@ quirks, and (``fast``) no model evaluation for the final σ = 1 → 1 step.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Callable, Mapping
@@ -34,7 +52,9 @@ import torch
 
 from ..runtime import memory
 from ..runtime.precision import Numerics, autocast
-from .dit import PartFormerDiT, draw_part_index
+from ..nn import kernels as nn_kernels
+from ..nn.attention import backend_context
+from .dit import PartFormerDiT, StepOptions, draw_part_index
 from .scheduler import FlowMatchEulerScheduler
 
 
@@ -52,22 +72,42 @@ def kv_cache_bytes_per_block(model: PartFormerDiT, num_parts: int, obj_tokens: i
 
 
 def step_activation_bytes(model: PartFormerDiT, num_parts: int, latent_tokens: int,
-                          cond_tokens: int) -> int:
-    """A generous estimate of the transient memory of one eager DiT step."""
+                          cond_tokens: int, *, fused: bool | None = None) -> int:
+    """An upper estimate of the transient memory of one ``fast`` DiT step (bytes).
+
+    Fused stream (``fused``): the fp32 stream, the compute-dtype skip copies and one skip
+    concatenation, plus the largest of a block's transients: self-attention (x, q|k|v,
+    q, k, attention output, projection ≈ 8 rows of D), the MoE (padded input, sorted routes,
+    [k·T, 4D] hidden ≈ 2 + 5k rows of D per token) or one uncached block's cross K/V
+    (both streams) with the cross-attention's own tensors; 10 % and 256 MiB of margin.
+    ``fused=False`` (default: whether the model runs the fused step): the more generous
+    estimate for the per-block modules.
+    """
+    if fused is None:
+        fused = model.fused_supported()
     d = model.hidden_size
     t = num_parts * (latent_tokens + 1)
     item = torch.empty((), dtype=model.cd).element_size()
-    stream = t * d * 4 * 8                       # fp32 residual stream, skips, norm outputs
-    ffn = 3 * 2 * t * (4 * d + 16) * item        # MoE routes (2T rows) in and out, GELU
-    attn = 4 * t * 3 * d * item                  # q/k/v, attention output
     kv = 2 * num_parts * cond_tokens * 2 * d * item  # one uncached block's K/V
-    skips = (model.depth // 2) * t * d * 4
-    return stream + ffn + attn + kv + skips
+    if not fused:
+        stream = t * d * 4 * 8
+        ffn = 3 * 2 * t * (4 * d + 16) * item
+        attn = 4 * t * 3 * d * item
+        skips = (model.depth // 2) * t * d * 4
+        return stream + ffn + attn + kv + skips
+    row = t * d * item
+    stream = t * d * 4 + (model.depth // 2) * row + 2 * row + row  # h, skips, concat, x
+    top_k = next((b.moe.top_k for b in model.blocks if b.use_moe), 0)
+    # padded input + sorted routes + [k·T, 4D] hidden (+ one row of slack); dense FFN: 6
+    moe = (2 + 5 * top_k) * row
+    block = max(8 * row, moe, kv + 6 * row)
+    return int(1.1 * (stream + block)) + (256 << 20)
 
 
 def plan_cache_blocks(model: PartFormerDiT, num_parts: int, latent_tokens: int,
                       obj_tokens: int, geo_tokens: int, requested: int | str = "auto",
-                      device: torch.device | str | None = None) -> int:
+                      device: torch.device | str | None = None, *,
+                      fused: bool | None = None) -> int:
     """How many blocks (the first ones) get their cross-attention K/V cached.
 
     ``requested``: ``"all"``, ``"none"``, an int, or ``"auto"`` = as many as fit in the
@@ -86,7 +126,8 @@ def plan_cache_blocks(model: PartFormerDiT, num_parts: int, latent_tokens: int,
     per_block = kv_cache_bytes_per_block(model, num_parts, obj_tokens, geo_tokens)
     if per_block == 0:
         return depth
-    fixed = step_activation_bytes(model, num_parts, latent_tokens, max(obj_tokens, geo_tokens))
+    fixed = step_activation_bytes(model, num_parts, latent_tokens, max(obj_tokens, geo_tokens),
+                                  fused=fused)
     return memory.items_that_fit(per_block, device or model.device, fixed=fixed, minimum=0,
                                  maximum=depth)
 
@@ -101,12 +142,16 @@ class DiTRunner:
     shared by all parts (a float, a 0-dim or [1] tensor; of a [K] tensor the first entry is
     used), ``part_index`` [K] long (device tensor, see :func:`draw_part_index`).  Returns the
     velocity [K, n, C] in the compute dtype.
+
+    ``kernels``, ``sdpa``, ``kv_layout``: see the module documentation (None: environment).
     """
 
     def __init__(self, model: PartFormerDiT, obj_cond: torch.Tensor | None,
                  geo_cond: torch.Tensor | None, *, cache_blocks: int | str = "auto",
                  cuda_graph: bool | None = None, compile: bool | None = None,
-                 compile_mode: str | None = None, latent_tokens: int | None = None):
+                 compile_mode: str | None = None, latent_tokens: int | None = None,
+                 kernels: str | None = None, sdpa: str | None = None,
+                 kv_layout: str | None = None):
         if not model.prepared:
             raise RuntimeError("call model.prepare(numerics) first")
         self.model = model
@@ -118,13 +163,19 @@ class DiTRunner:
         self.num_parts = ref.shape[0]
         if model.use_part_embed and self.num_parts > model.valid_num:
             raise ValueError(f"K = {self.num_parts} parts exceed valid_num = {model.valid_num}")
+        if compile is None:
+            compile = os.environ.get("TURBOPART_DIT_COMPILE", "0") == "1"
+        # exact keeps the official op-for-op eager arithmetic (and its per-expert loop).
+        compile = bool(compile) and model.numerics is Numerics.FAST
+        self.opts = self._options(kernels, sdpa, kv_layout, compile)
         self.obj = None if obj_cond is None else obj_cond.to(self.device, cd)
         self.geo = None if geo_cond is None else geo_cond.to(self.device, cd)
         n_lat = latent_tokens or model.params.get("input_size", 1024)
         s_obj = 0 if self.obj is None else self.obj.shape[1]
         s_geo = 0 if self.geo is None else self.geo.shape[1]
         self.cached_blocks = plan_cache_blocks(model, self.num_parts, n_lat, s_obj, s_geo,
-                                               cache_blocks, self.device)
+                                               cache_blocks, self.device,
+                                               fused=self.opts.fused)
         self.kv: list = [None] * model.depth
         with autocast(model.numerics, self.device), torch.no_grad():
             for i in range(self.cached_blocks):
@@ -138,16 +189,40 @@ class DiTRunner:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph needs a CUDA model")
         self.use_graph = bool(cuda_graph)
-        if compile is None:
-            compile = os.environ.get("TURBOPART_DIT_COMPILE", "0") == "1"
-        # exact keeps the official op-for-op eager arithmetic (and its per-expert loop).
-        compile = bool(compile) and model.numerics is Numerics.FAST
         self.compile_mode = compile_mode or os.environ.get("TURBOPART_DIT_COMPILE_MODE")
         self.block_fns = self._compiled_blocks() if compile else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self._static: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ pieces
+
+    def _options(self, kernels: str | None, sdpa: str | None, kv_layout: str | None,
+                 compile: bool) -> StepOptions:
+        """The step configuration (arguments, else environment variables)."""
+        m = self.model
+        if kernels is None:
+            kernels = os.environ.get("TURBOPART_DIT_KERNELS", "all")
+        fused, groups = StepOptions.parse_kernels(kernels)
+        sd = StepOptions.parse_sdpa(sdpa if sdpa is not None else
+                                    os.environ.get("TURBOPART_DIT_SDPA", "auto"))
+        layout = (kv_layout or os.environ.get("TURBOPART_DIT_KV_LAYOUT", "strided")).lower()
+        if layout not in ("strided", "contiguous"):
+            raise ValueError(f"kv_layout must be 'strided' or 'contiguous', not {layout!r}")
+        if m.numerics is not Numerics.FAST:
+            # exact: the official modules, op for op, PyTorch's own SDPA choice.
+            return StepOptions(fused=False, kernels=frozenset(),
+                               sdpa=StepOptions.parse_sdpa("auto"), kv_layout="contiguous")
+        if compile or not m.fused_supported():
+            fused = False
+        if fused and groups and not nn_kernels.available(self.device):
+            if self.device.type == "cuda":
+                warnings.warn("Triton is unavailable: the fused DiT step runs its PyTorch "
+                              "formulation (TURBOPART_DIT_KERNELS=none)")
+            groups = frozenset()
+        if "moe" in groups and "ln" not in groups:
+            groups = groups - {"moe"}  # the MoE combine rides in the residual kernel
+        return StepOptions(fused=fused, kernels=groups if fused else frozenset(), sdpa=sd,
+                           kv_layout=layout)
 
     def _compiled_blocks(self) -> list | None:
         try:
@@ -173,11 +248,19 @@ class DiTRunner:
         t = torch.as_tensor(t, device=self.device)
         return t.reshape(-1)[:1].to(torch.float32)
 
+    def describe(self) -> str:
+        """The configuration in use (for logs and benchmark records)."""
+        extra = " compiled" if self.block_fns is not None else ""
+        return (f"{self.opts.describe()}{extra} cached={self.cached_blocks}/"
+                f"{self.model.depth} graph={self.use_graph}")
+
     def forward_eager(self, x: torch.Tensor, t: torch.Tensor, part_index: torch.Tensor | None
                       ) -> torch.Tensor:
         """The step without a graph (autocast for ``exact`` is entered by the caller)."""
         m = self.model
         c = m.time_embed(t)                      # once for all parts: [1, 1, D]
+        if self.opts.fused:
+            return m.forward_fused(x, c, part_index, self.obj, self.geo, self.kv, self.opts)
         h = m.embed(x, c, part_index)
         h = m.run_blocks(h, self.obj, self.geo, self.kv, None, self.block_fns)
         return m.final_layer(h, m.cd)
@@ -186,11 +269,16 @@ class DiTRunner:
         try:
             return self.forward_eager(x, t, idx)
         except Exception as exc:
-            if self.block_fns is None:
+            if self.block_fns is None and not self.opts.fused:
                 raise
-            warnings.warn(f"compiled DiT blocks failed ({type(exc).__name__}: {exc}); "
-                          f"falling back to eager")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            what = "compiled DiT blocks" if self.block_fns is not None else \
+                f"fused DiT step ({self.opts.describe()})"
+            warnings.warn(f"{what} failed ({type(exc).__name__}: {exc}); falling back to the "
+                          f"per-block modules", stacklevel=2)
             self.block_fns = None
+            self.opts = dataclasses.replace(self.opts, fused=False, kernels=frozenset())
             return self.forward_eager(x, t, idx)
 
     def _capture(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None) -> None:
@@ -224,7 +312,8 @@ class DiTRunner:
             torch.as_tensor(part_index, device=self.device).reshape(-1).long()
         if x.shape[0] != self.num_parts:
             raise ValueError(f"latents have {x.shape[0]} parts, the condition {self.num_parts}")
-        with autocast(self.model.numerics, self.device):
+        with autocast(self.model.numerics, self.device), \
+                backend_context(self.opts.uniform_sdpa):
             if not self.use_graph:
                 return self._run_eager(x, t, idx)
             if self.graph is None:

@@ -41,13 +41,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import trimesh
 
 from ..runtime import memory
 from ..runtime.precision import Numerics
 from ..runtime.profiling import Profile
 from . import decoding
 from . import preprocess as pp
+from .. import _lazy_import
+
+trimesh = _lazy_import("trimesh")  # imported on first use (start-up time)
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,8 @@ class XPartPipeline:
         self.load_timings: dict[str, float] = {}
         if hasattr(model, "prepare") and not getattr(model, "prepared", False):
             model.prepare(self.numerics)  # fused weights / MoE layout for these numerics
+        if hasattr(vae, "prepare"):
+            vae.prepare(self.numerics)  # geometry-decoder query path for these numerics
 
     # ---------------------------------------------------------------- loading
 
@@ -450,8 +454,6 @@ class XPartPipeline:
         k = prep.num_parts
         exact = self.numerics is Numerics.EXACT
         fine_dtype = torch.float64 if exact else torch.float32
-        per_part = decoding.bytes_per_part(octree_resolution)
-        group = memory.items_that_fit(per_part, dev, maximum=k)
         chunk = memory.items_that_fit(96, dev, minimum=65536, maximum=1 << 23)
         if colors is None:
             from ..mesh import part_colors
@@ -460,30 +462,34 @@ class XPartPipeline:
         results: list[PartResult] = []
         counters: dict[str, Any] = {"queries_per_level": [], "raw_faces": [], "faces": []}
         bar = _bar(progress, k, "decoding", "part")
-        for g0 in range(0, k, group):
-            ids = list(range(g0, min(k, g0 + group)))
+        # One coarse pass for all parts, then every part's fine levels; each part is meshed
+        # as it arrives, so only one part's fine grids are alive at a time.
+        parts = decoding.iter_volumes(query, list(range(k)), octree_resolution, device=dev,
+                                      chunk=chunk, fine_dtype=fine_dtype)
+        while True:
             with prof.stage("volume_decode"):
-                vol = decoding.decode_volumes(query, ids, octree_resolution, device=dev,
-                                              chunk=chunk, fine_dtype=fine_dtype)
-            for b, pi in enumerate(ids):
-                with prof.stage("marching_cubes"):
-                    mask = None if vol.mask is None else vol.mask[b]
-                    verts, faces = marching_cubes(vol.grid[b], decoding.MC_LEVEL, mask=mask)
-                raw = int(faces.shape[0])
-                with prof.stage("cleanup"):
-                    part_mesh = self._finish_part(verts, faces, vol.resolution, prep)
-                qs = [lvl[b] for lvl in vol.queries]
-                if part_mesh is None:  # official: "Failed to export part i", skipped
-                    log.warning("part %d (box %d) produced no surface; skipped", pi,
-                                prep.box_index[pi])
-                results.append(PartResult(pi, prep.box_index[pi], kept_world[pi], part_mesh,
-                                          qs, raw, np.asarray(colors[pi % len(colors)])))
-                counters["queries_per_level"].append(qs)
-                counters["raw_faces"].append(raw)
-                counters["faces"].append(0 if part_mesh is None else int(len(part_mesh.faces)))
-                if bar:
-                    bar.update(1)
+                vol = next(parts, None)
+            if vol is None:
+                break
+            pi = vol.part
+            with prof.stage("marching_cubes"):
+                verts, faces = marching_cubes(vol.grid, decoding.MC_LEVEL, mask=vol.mask)
+            raw = int(faces.shape[0])
+            qs = list(vol.queries)
+            resolution = vol.resolution
             del vol
+            with prof.stage("cleanup"):
+                part_mesh = self._finish_part(verts, faces, resolution, prep)
+            if part_mesh is None:  # official: "Failed to export part i", skipped
+                log.warning("part %d (box %d) produced no surface; skipped", pi,
+                            prep.box_index[pi])
+            results.append(PartResult(pi, prep.box_index[pi], kept_world[pi], part_mesh,
+                                      qs, raw, np.asarray(colors[pi % len(colors)])))
+            counters["queries_per_level"].append(qs)
+            counters["raw_faces"].append(raw)
+            counters["faces"].append(0 if part_mesh is None else int(len(part_mesh.faces)))
+            if bar:
+                bar.update(1)
         if bar:
             bar.close()
         counters["queries_total"] = int(sum(sum(q) for q in counters["queries_per_level"]))
@@ -506,7 +512,7 @@ class XPartPipeline:
 def _cleanup(verts: torch.Tensor, faces: torch.Tensor, max_edge: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The official ``export_to_trimesh`` + ``fix_mesh`` (faces reversed, trimesh processing,
-    long-edge 1-ring removal, floaters < 0.5 % of faces), in memory."""
+    long-edge faces removed, floaters under 0.5 % of the largest component), in memory."""
     from ..geometry import cleanup
     return cleanup.official_cleanup(verts, faces, reverse=True, max_edge=max_edge,
                                     ratio=FLOATER_RATIO)

@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import trimesh
+
+from .. import _lazy_import
+
+trimesh = _lazy_import("trimesh")  # imported on first use (start-up time)
 
 log = logging.getLogger(__name__)
 

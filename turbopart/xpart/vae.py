@@ -11,7 +11,12 @@ Pieces (spec xpart §3):
   the latents' dtype → query_proj → one cross-attention block → ln_post (eps 1e-5) →
   output_proj.  The logit is **positive inside**.  Its fast query API caches the latents'
   keys/values once per part (:meth:`GeometryDecoder.precompute_kv`) and evaluates chunks of
-  queries against them (:meth:`GeometryDecoder.query`).
+  queries against them (:meth:`GeometryDecoder.query`), either op for op as the official
+  code (``eager``) or through fused kernels (``fused``: Triton LayerNorm/residual/output
+  kernels, flash-style attention with q_norm fused, optional GEMM epilogues; the same
+  rounding points, fp32 reduction order aside).  ``TURBOPART_DECODER`` picks the path
+  (default: fused for ``fast`` numerics on CUDA, eager otherwise), see
+  :meth:`GeometryDecoder.query_mode` and :class:`FusedOptions`.
 
 Every random draw is explicit: the subset permutation and the FPS start per batch item are
 arguments (or come from a ``torch.Generator``); ``encode`` takes the posterior noise ``eps``.
@@ -23,6 +28,8 @@ decodes, spec §1.5).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -347,6 +354,130 @@ def _decode_chunk(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Decode
     return F.linear(x.to(cdt), w.out_w, w.out_b)[..., 0]
 
 
+class FusedOptions(NamedTuple):
+    """Choices of the fused geometry-decoder path (:func:`_decode_chunk_fused`).
+
+    ``attn``: "triton" (flash-style kernel with q_norm fused and the shared coarse query set
+    read once for every part), or SDPA after a q_norm kernel: "sdpa" (PyTorch's choice),
+    "flash", "cudnn", "efficient".
+    ``gemm``: "cublas" (every Linear in cuBLAS, GELU as ``F.gelu``), "gelu" / "gelu_tma"
+    (c_fc as a Triton GEMM with the bias + exact GELU epilogue, pointer or TMA loads; the
+    rest cuBLAS), "triton" / "triton_tma" (all four 1024-wide Linears in Triton, residual adds
+    in the c_proj epilogues).
+    ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
+    PyTorch ops, for checks).
+    """
+    attn: str = "triton"
+    gemm: str = "cublas"
+    glue: bool = True
+
+    @classmethod
+    def from_env(cls) -> "FusedOptions":
+        """``TURBOPART_DECODER_ATTN`` / ``TURBOPART_DECODER_GEMM`` /
+        ``TURBOPART_DECODER_GLUE`` (0 = PyTorch glue) over the defaults."""
+        d = cls()
+        attn = os.environ.get("TURBOPART_DECODER_ATTN", d.attn).lower()
+        gemm = os.environ.get("TURBOPART_DECODER_GEMM", d.gemm).lower()
+        glue = os.environ.get("TURBOPART_DECODER_GLUE", "1") != "0"
+        if attn not in ATTN_CHOICES:
+            raise ValueError(f"TURBOPART_DECODER_ATTN must be one of {ATTN_CHOICES}, got {attn!r}")
+        if gemm not in GEMM_CHOICES:
+            raise ValueError(f"TURBOPART_DECODER_GEMM must be one of {GEMM_CHOICES}, got {gemm!r}")
+        return cls(attn, gemm, glue)
+
+
+ATTN_CHOICES = ("triton", "sdpa", "flash", "cudnn", "efficient")
+GEMM_CHOICES = ("cublas", "gelu", "gelu_tma", "triton", "triton_tma")
+#: ``TURBOPART_DECODER``: "auto" (fused on CUDA for bf16-stored weights, i.e. ``fast``
+#: numerics; eager otherwise), "eager" (the official op sequence), "fused", "compile".
+DECODER_MODES = ("auto", "eager", "fused", "compile")
+
+
+def _have_triton() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+def _sdpa_backend(name: str):
+    if name in ("triton", "sdpa"):
+        return None
+    from torch.nn.attention import SDPBackend
+    return [{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]]
+
+
+def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: DecoderWeights,
+                        heads: int, include_input: bool, has_ln_post: bool, has_qk_norm: bool,
+                        block_eps: float, post_eps: float, opts: FusedOptions) -> torch.Tensor:
+    """:func:`_decode_chunk` with fused kernels (:mod:`turbopart.nn.kernels.decoder_triton`).
+
+    Same rounding points as the official sequence (Fourier in the points' promoted dtype cast
+    to the matmul dtype; bf16 Linear outputs; LayerNorms in fp32 rounded to bf16; bf16
+    residual adds; flash-style bf16 attention), only fp32 reduction orders differ.  Rows are
+    part-major [B·q]; with one shared query set (``pts`` [1, q, 3], B parts) query_proj,
+    ln_1 and c_q run once and the residual reads the shared rows.
+    """
+    from ..nn.kernels import decoder_triton as kern  # Triton is imported on first use
+    cdt = w.query_w.dtype
+    bp, q, _ = pts.shape
+    b = k.shape[0]
+    width = w.cq_w.shape[0]
+    glue = opts.glue
+    gm = opts.gemm
+    mode = "tma" if gm.endswith("_tma") else "ptr"
+    all_triton = gm in ("triton", "triton_tma")
+    gelu_triton = gm != "cublas"
+
+    def lin(x, wt, bias, epi=0, res=None, use=all_triton):
+        if use:
+            return kern.linear(x, wt, bias, epi, res, mode=mode)
+        return kern.linear_ref(x, wt, bias, epi, res)
+
+    f = fourier_features(pts, w.frequencies, include_input=include_input,
+                         out_dtype=w.feat_dtype).to(cdt)
+    if f.shape[-1] < w.query_w.shape[1]:
+        f = F.pad(f, (0, w.query_w.shape[1] - f.shape[-1]))
+    e = F.linear(f.reshape(bp * q, -1), w.query_w, w.query_b)              # [Bp·q, W]
+    del f
+    h = kern.layer_norm(e, w.ln1_w, w.ln1_b, block_eps, use_triton=glue)
+    qh = lin(h, w.cq_w, w.cq_b)
+    del h
+    qn_w = w.qn_w if has_qk_norm else None
+    qn_b = w.qn_b if has_qk_norm else None
+    if opts.attn == "triton":
+        a = kern.attention(qh, k, v, qn_w, qn_b, block_eps, q)
+    else:
+        if glue and has_qk_norm:  # q_norm kernel, then SDPA on the normalised heads
+            d = width // heads
+            qh = kern.layer_norm(qh.view(-1, d), qn_w, qn_b, block_eps).view(bp * q, width)
+            qn_w = qn_b = None
+        a = kern.attention_ref(qh, k, v, qn_w, qn_b, block_eps, q,
+                               backend=_sdpa_backend(opts.attn))
+    del qh                                                                  # a: [B·q, W]
+    if all_triton:
+        x = lin(a, w.proj_w, w.proj_b, kern.EPI_RESIDUAL, e)
+        del a, e
+        _, h = kern.add_layer_norm(x, None, w.ln3_w, w.ln3_b, block_eps, use_triton=glue)
+    else:
+        p = F.linear(a, w.proj_w, w.proj_b)
+        del a
+        x, h = kern.add_layer_norm(e, p, w.ln3_w, w.ln3_b, block_eps, use_triton=glue)
+        del p, e
+    m = lin(h, w.fc_w, w.fc_b, kern.EPI_GELU, use=gelu_triton)
+    del h
+    lnw = w.lnp_w if has_ln_post else None
+    lnb = w.lnp_b if has_ln_post else None
+    if all_triton:
+        x = lin(m, w.fc2_w, w.fc2_b, kern.EPI_RESIDUAL, x)
+        del m
+        out = kern.add_ln_dot(x, None, lnw, lnb, post_eps, w.out_w, w.out_b, use_triton=glue)
+    else:
+        y = F.linear(m, w.fc2_w, w.fc2_b)
+        del m
+        out = kern.add_ln_dot(x, y, lnw, lnb, post_eps, w.out_w, w.out_b, use_triton=glue)
+    return out.view(b, q)
+
+
 _COMPILED: dict[str, Any] = {}
 
 #: torch.compile modes as inductor options (a mode and options cannot be combined).
@@ -402,6 +533,13 @@ class GeometryDecoder(nn.Module):
         self.compile_mode: str | None = None
         #: Optional SDPA backends for the query attention (torch.nn.attention.SDPBackend list).
         self.sdpa_backends: list | None = None
+        #: Query path: None reads ``TURBOPART_DECODER`` (default "auto"); or one of
+        #: :data:`DECODER_MODES`.  :meth:`prepare` sets it from the numerics.
+        self.kernel: str | None = None
+        #: Fused-path choices; None reads them from the environment (:class:`FusedOptions`).
+        self.fused_options: FusedOptions | None = None
+        #: Paths that failed in this process (never retried; the eager path runs instead).
+        self.failed_modes: set[str] = set()
 
     # ---------------------------------------------------------------- official forward
 
@@ -459,18 +597,58 @@ class GeometryDecoder(nn.Module):
         kv = self.cross_attn_decoder.kv(lat, cdt)
         return DecoderKV(kv.k, kv.v, self.weights(cdt, latents.dtype))
 
-    #: Upper bound of queries per chunk: 2^17 rows already keep an H100 busy for ~7 ms per
-    #: chunk (launch overhead hidden); more rows only add activation memory (~5 GB here).
+    #: Upper bound of query rows (part × point) per chunk: 2^17 rows keep an H100 busy for
+    #: ~7 ms per chunk (launch overhead hidden); more rows only add activation memory.
     MAX_ROWS = 1 << 17
+    #: Lower bound on CUDA: below ~16 k rows the GEMMs lose efficiency and launches show, so
+    #: a tight budget is overdrawn by at most this many rows of activations (~0.4–0.6 GB).
+    MIN_ROWS_CUDA = 1 << 14
+
+    def prepare(self, numerics) -> "GeometryDecoder":
+        """Pick the query path for ``numerics``: ``exact`` keeps the official op sequence
+        (eager), ``fast`` the fused kernels; ``TURBOPART_DECODER`` still overrides."""
+        from ..runtime.precision import Numerics
+        self.kernel = "fused" if Numerics.parse(numerics) is Numerics.FAST else "eager"
+        return self
+
+    def query_mode(self, device: torch.device | str) -> str:
+        """The path :meth:`query` takes on ``device``: "eager", "fused" or "compile"."""
+        device = torch.device(device)
+        env = os.environ.get("TURBOPART_DECODER")
+        mode = (env or self.kernel or "auto").lower()
+        if mode not in DECODER_MODES:
+            raise ValueError(f"TURBOPART_DECODER must be one of {DECODER_MODES}, got {mode!r}")
+        if mode == "auto":
+            if self.compile and device.type == "cuda":
+                return "compile"
+            fast_weights = self.query_proj.weight.dtype in (torch.bfloat16, torch.float16)
+            if device.type == "cuda" and _have_triton() and fast_weights:
+                return "fused"
+            return "eager"
+        if mode == "compile" and device.type != "cuda":
+            return "eager"
+        return "eager" if mode in self.failed_modes else mode
+
+    def bytes_per_row(self, mode: str) -> int:
+        """Activation bytes per query row at the chunk's peak (fused: ~20·W, eager ~40·W)."""
+        return (24 if mode == "fused" else 40) * self.width
 
     def rows_per_chunk(self, device: torch.device | str, max_rows: int | None = None) -> int:
-        """Queries per chunk from free memory (≤ ~40·W bytes of activations per query)."""
-        return memory.items_that_fit(40 * self.width, device, minimum=1024,
-                                     maximum=max_rows or self.MAX_ROWS)
+        """Query rows (part × point) per chunk from the memory budget, at least
+        :data:`MIN_ROWS_CUDA` on CUDA (1024 elsewhere), at most ``max_rows`` / MAX_ROWS."""
+        device = torch.device(device)
+        cap = max_rows or self.MAX_ROWS
+        floor = min(cap, self.MIN_ROWS_CUDA if device.type == "cuda" else 1024)
+        return memory.items_that_fit(self.bytes_per_row(self.query_mode(device)), device,
+                                     minimum=floor, maximum=cap)
 
     def _chunk_fn(self, device: torch.device):
-        if self.compile and device.type == "cuda":
+        mode = self.query_mode(device)
+        if mode == "compile":
             return _compiled_decode_chunk(self.compile_mode)
+        if mode == "fused":
+            opts = self.fused_options or FusedOptions.from_env()
+            return lambda *a: _decode_chunk_fused(*a, opts)
         return _decode_chunk
 
     def _run_chunk(self, pts: torch.Tensor, kv: DecoderKV) -> torch.Tensor:
@@ -487,13 +665,13 @@ class GeometryDecoder(nn.Module):
                 with ctx:
                     return fn(*args)
             return fn(*args)
-        except Exception as exc:  # compiled path failed: warn once, fall back to eager
-            if fn is _decode_chunk:
+        except Exception as exc:  # compiled / fused path failed: warn once, fall back to eager
+            if fn is _decode_chunk or memory.is_oom(exc):
                 raise
-            import warnings
-            warnings.warn(f"compiled geometry decoder failed ({type(exc).__name__}: {exc}); "
-                          "using the eager path")
-            self.compile = False
+            mode = self.query_mode(pts.device)
+            warnings.warn(f"geometry decoder path {mode!r} failed ({type(exc).__name__}: "
+                          f"{exc}); using the eager path from now on", RuntimeWarning)
+            self.failed_modes.add(mode)
             return _decode_chunk(*args)
 
     @torch.no_grad()
@@ -606,6 +784,14 @@ class ShapeVAE(nn.Module):
 
     def _cdt(self, device) -> torch.dtype:
         return compute_dtype(device, next(self.parameters()))
+
+    def prepare(self, numerics) -> "ShapeVAE":
+        """Numerics-dependent choices (the geometry decoder's query path, see
+        :meth:`GeometryDecoder.prepare`); weights are not touched."""
+        geo = getattr(self, "geo_decoder", None)
+        if geo is not None:
+            geo.prepare(numerics)
+        return self
 
     # ---------------------------------------------------------------- encoding
 
