@@ -16,7 +16,7 @@ CPU_BUDGET = int(float(os.environ.get("TURBOPART_CPU_BUDGET_GB", "2")) * 2**30)
 #: chosen through this module keeps ``memory_allocated() + new work`` under it, so the peak
 #: stays near it whatever card runs the job.  ``TURBOPART_GPU_BUDGET_GB`` or
 #: :func:`set_gpu_budget` change it (e.g. more for K/V caches on an 80 GB card).
-GPU_BUDGET = int(float(os.environ.get("TURBOPART_GPU_BUDGET_GB", "10")) * 2**30)
+GPU_BUDGET = int(float(os.environ.get("TURBOPART_GPU_BUDGET_GB", "11")) * 2**30)
 
 
 def set_gpu_budget(gigabytes: float | None) -> None:
