@@ -24,7 +24,10 @@ Exact reformulation used here (two compiled / vectorised steps):
    computed in waves over that dependency DAG (Kahn's algorithm, one vectorised NumPy step
    per wave over the faces whose inputs are all known).  Chains of faces that each see a
    single unknown neighbour are collapsed first by pointer jumping, so the number of waves
-   is the number of *merges* along the longest dependency chain, not its length.
+   is the number of *merges* along the longest dependency chain, not its length.  Every
+   neighbour slot is resolved once to the face it reads (itself, or the root of its copy
+   chain; invisible slots read a sentinel equal to nothing), so a wave is one gather and,
+   for triangle meshes (<= 3 slots), a branch-free 3-way mode.
 
 The result is bit-identical to the sequential pass (tests compare with a literal port of
 the official loop on random meshes and on the golden cases).
@@ -101,7 +104,6 @@ def _fill_values(lab: np.ndarray, neg: np.ndarray, passes: np.ndarray, graph: Fa
     known = valid & ~neg[nbc]                          # labelled from the start
     dep = valid & neg[nbc] & (key[nbc] < key[todo][:, None])   # filled earlier
     visible = known | dep
-    pending = dep.sum(axis=1)
     row_of = np.full(f, -1, dtype=np.int64)
     row_of[todo] = np.arange(todo.size)
 

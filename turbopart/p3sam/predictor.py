@@ -841,15 +841,16 @@ class HalfConfig:
 
 
 #: Candidates of the half-precision kernel, the first is the default (checked by compiling
-#: for sm_90a with Triton 3.6 / ptxas: no wgmma serialisation, no spills).  Logit kernels:
-#: (128, 256): half the weight traffic from L2 of (64, 512) at two first-layer evaluations;
-#: (64, 512): one evaluation; (256, 128) / (128, 128): tensor-core logit layer, 4 evaluations
-#: (stage 1) but a quarter / half the weight traffic.  Max kernels: (128, D) 1 CTA/SM,
-#: (64, D) with 4 warps: 2 CTAs/SM.
+#: for sm_90a with Triton 3.6 / ptxas: no wgmma serialisation, no spills unless noted).
+#: Logit kernels: (128, 256): half the weight traffic from L2 of (64, 512) at two
+#: first-layer evaluations; (64, 512): one evaluation; (256, 128) / (128, 128): tensor-core
+#: logit layer, 4 evaluations (stage 1) but a quarter / half the weight traffic.  Max
+#: kernels: (128, D) 1 CTA/SM, (64, D) with 4 warps: 2 CTAs/SM.
 HALF_LOGIT_CONFIGS = (HalfConfig(128, 256, 32, 64, 8, 3), HalfConfig(64, 512, 32, 64, 8, 3),
                       HalfConfig(256, 128, 32, 64, 8, 3, True),
                       HalfConfig(128, 128, 32, 64, 8, 3, True))
-HALF_MAX_CONFIGS = (HalfConfig(128, 0, 32, 64, 8, 3), HalfConfig(64, 0, 32, 64, 4, 3))
+HALF_MAX_CONFIGS = (HalfConfig(128, 0, 32, 64, 8, 3), HalfConfig(64, 0, 32, 64, 4, 3),
+                    HalfConfig(128, 0, 32, 128, 8, 3))  # the last spills 36 B
 #: Tiles used without tuning, by kernel shape (max mode, heads, width, has R), tried before
 #: the tables above (set them from ``benchmarks/heads_variants.py``'s tuned winners).
 HALF_FIXED_CONFIGS: dict[tuple[bool, int, int, bool], HalfConfig] = {
