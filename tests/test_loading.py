@@ -135,7 +135,8 @@ def test_load_component_sequential_equals_mmap(tmp_path, monkeypatch):
 
 
 def test_loader_mode_defaults(monkeypatch):
-    assert L.loader_mode("cuda") == "sequential" and L.loader_mode("cpu") == "mmap"
+    monkeypatch.delenv("TURBOPART_LOADER", raising=False)
+    assert L.loader_mode("cuda") == "mmap" and L.loader_mode("cpu") == "mmap"
     monkeypatch.setenv("TURBOPART_LOADER", "mmap")
     assert L.loader_mode("cuda") == "mmap"
     monkeypatch.setenv("TURBOPART_LOADER", "sequential")
@@ -310,7 +311,7 @@ def test_cli_process_prefetches_and_records_a_profile(tmp_path):
     d = weights.write_random(tmp_path / "w", tiny=True, seed=1)
     env = dict(os.environ, TURBOPART_CACHE=str(tmp_path / "cache"),
                TURBOPART_STARTUP_PROFILE=str(tmp_path / "cache" / "p.json"),
-               TURBOPART_PREFETCH_LOG=str(tmp_path / "log.json"),
+               TURBOPART_PREFETCH_LOG=str(tmp_path / "log.json"), TURBOPART_PREFETCH="all",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "turbopart", "segment", str(tmp_path / "no.glb"),
                         "-o", str(tmp_path / "out"), "--weights", str(d)],

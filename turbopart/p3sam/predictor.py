@@ -676,7 +676,7 @@ class _TritonPairs:
 
 HEADS_VARIANTS = ("bf16", "f16", "bf16x2")
 #: Variant used when neither the argument nor ``TURBOPART_P3SAM_HEADS`` names one.
-DEFAULT_HEADS_VARIANT = "bf16"
+DEFAULT_HEADS_VARIANT = "f16"  # H100: 310 ms vs 345 (bf16), mask agreement 0.9983 vs 0.9976
 #: Largest bound of |first-layer sum| / |hidden pre-activation| accepted for fp16 math
 #: (2·GELU(x) <= 2|x| must stay below 65504 with a margin).
 HALF_RANGE = 16000.0
@@ -856,7 +856,7 @@ HALF_MAX_CONFIGS = (HalfConfig(128, 0, 32, 64, 8, 3), HalfConfig(64, 0, 32, 64, 
 HALF_FIXED_CONFIGS: dict[tuple[bool, int, int, bool], HalfConfig] = {
     (False, 3, 512, False): HalfConfig(128, 256, 32, 64, 8, 3),
     (False, 3, 256, True): HalfConfig(128, 256, 32, 64, 8, 3),
-    (True, 1, 256, True): HalfConfig(128, 0, 32, 64, 8, 3),
+    (True, 1, 256, True): HalfConfig(128, 0, 32, 128, 8, 3),
 }
 HALF_INTERPRET_CONFIGS = (HalfConfig(16, 16, 16, 16, 1, 1, True),
                           HalfConfig(32, 16, 16, 16, 1, 1, False))
