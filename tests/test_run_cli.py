@@ -185,3 +185,20 @@ def test_bench_smoke(tiny_dir, tmp_path, capsys):
     assert k8["k"] == 8 and len(k8["queries_per_part"]) == k8["parts"]
     assert k8["export_s"] > 0 and k8["dit_step_ms"] > 0
     assert "official K=8" in stdout and "call total" in stdout
+
+
+def test_write_outputs_without_any_surface(tmp_path):
+    """All parts empty (a noise field can give none): boxes.glb and parts.json, no crash."""
+    import numpy as np
+
+    from turbopart.examples import example_boxes, example_mesh
+    from turbopart.xpart.commands import Output, write_outputs
+    from turbopart.xpart.pipeline import GenerationResult, PartResult
+    boxes = example_boxes()[:2]
+    parts = [PartResult(i, i, boxes[i], None) for i in range(2)]
+    result = GenerationResult(parts, np.zeros(3), 1.0)
+    out = Output(tmp_path / "o")
+    write_outputs(out, result, example_mesh(), boxes, {"parts": []})
+    dest = out.commit()
+    assert (dest / "boxes.glb").is_file() and (dest / "parts.json").is_file()
+    assert not (dest / "parts.glb").exists()

@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 import numpy as np
 
@@ -311,8 +314,11 @@ def write_outputs(out: Output, result, mesh, boxes: np.ndarray, info: dict[str, 
 
     from .pipeline import boxes_scene, parts_scene
     colors = [p.color for p in result.parts] if len(result.parts) == len(boxes) else None
-    jobs = {"parts.glb": result.scene, "exploded.glb": result.exploded,
-            "boxes.glb": lambda: boxes_scene(mesh, boxes, colors)}
+    jobs = {"boxes.glb": lambda: boxes_scene(mesh, boxes, colors)}
+    if any(p.ok for p in result.parts):  # a scene without geometry cannot be a GLB
+        jobs.update({"parts.glb": result.scene, "exploded.glb": result.exploded})
+    else:
+        log.warning("no part produced a surface: parts.glb and exploded.glb not written")
     for p in result.parts:
         if p.ok:
             jobs[f"parts/{p.name}.glb"] = (lambda p=p: parts_scene([p]))
