@@ -56,3 +56,22 @@ vw = grid_to_world(v, RES, decoding.BOUNDS)
 v2, f2 = official_cleanup(vw, f, reverse=True, max_edge=8 / 512, ratio=0.005, stats=st)
 print("cleanup faces %d stats %s" % (f2.shape[0], st))
 del ballast
+
+# --- the DiT's first call (the failing plain run had no warm-up call): same inputs twice
+if not TINY:
+    from turbopart.xpart.dit import draw_part_index
+    from turbopart.xpart.dit_runner import DiTRunner
+    W.write_random(d, init="plain", components=["model"], device=dev)
+    model = W.load_component(d, "model", device=dev, numerics="fast").prepare("fast")
+    k = 8
+    x = torch.randn(k, 1024, 64, generator=g, device=dev)
+    obj = torch.randn(k, 4096, 1024, generator=g, device=dev)
+    geo = torch.randn(k, 4096, 1024, generator=g, device=dev)
+    idx = draw_part_index(k, model.valid_num, torch.Generator().manual_seed(0))
+    runner = DiTRunner(model, obj, geo)
+    first = runner(x, 0.37, idx).float()
+    second = runner(x, 0.37, idx).float()
+    eager = DiTRunner(model, obj, geo, cuda_graph=False)(x, 0.37, idx).float()
+    print("DiT first call finite %s, first vs second max|d| %.3g, graph vs eager rel %.3g" % (
+        bool(first.isfinite().all()), float((first - second).abs().max()),
+        float((second - eager).norm() / eager.norm())))
