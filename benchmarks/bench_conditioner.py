@@ -155,30 +155,10 @@ def random_inputs(parts: int, n: int, seed: int = 0):
 
 # --------------------------------------------------------------------------- models
 
-def init_random_(module: torch.nn.Module, device, dtypes: dict, seed: int = 0):
-    """Materialise a meta module on ``device`` with the plain baseline init."""
-    module.to_empty(device=device)
-    norms = W._norm_keys(module)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            t = torch.empty(p.shape, device=device, dtype=torch.float32)
-            if name in norms:
-                t.fill_(1.0 if leaf == "weight" else 0.0)
-            elif leaf == "bias":
-                t.zero_()
-            else:
-                t.normal_(0.0, 0.02, generator=g)
-            p.data = t.to(dtypes.get(name, torch.float32))
-    W.finish_module(module, device)
-    return module
-
-
 def build(component: str, numerics: str, device, config=None):
     with torch.device("meta"):
         model = W.build(component, config, skip_unused=True)
-    return init_random_(model, device, param_dtypes(model, numerics, device))
+    return W.materialize_random(model, device, dtypes=param_dtypes(model, numerics, device))
 
 
 def resident_bytes(module: torch.nn.Module) -> int:

@@ -467,6 +467,46 @@ def _apply_realistic(component: str, sd: dict[str, torch.Tensor]) -> None:
     sd["geo_decoder.output_proj.bias"].zero_()
 
 
+def _plain_fill_(t: torch.Tensor, key: str, norms: set[str], std: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """The plain init of one tensor: norm weights 1 / norm biases 0, other biases 0, every
+    other tensor (Linear, sparse conv, MoE gate, part_embed, mask_token) N(0, std²)."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key in norms:
+        return t.fill_(1.0 if leaf == "weight" else 0.0)
+    if leaf == "bias":
+        return t.zero_()
+    return t.normal_(0.0, std, generator=generator)
+
+
+def materialize_random(module: nn.Module, device: torch.device | str = "cpu", *,
+                       dtypes: Mapping[str, torch.dtype] | None = None, std: float = 0.02,
+                       seed: int = 0, generator: torch.Generator | None = None,
+                       requires_grad: bool = False) -> nn.Module:
+    """Give ``module`` (built on meta, or real) plain random weights on ``device``, in place.
+
+    The rule of :func:`random_state_dict`; each tensor is drawn in fp32 from ``generator``
+    (default: a generator on ``device`` seeded with ``seed``) and stored as ``dtypes[key]``
+    (default fp32).  For benchmarks and tests that need no weight directory.
+    """
+    device = torch.device(device)
+    norms = _norm_keys(module)
+    gen = generator if generator is not None else \
+        torch.Generator(device=device).manual_seed(seed)
+    draw_dev = gen.device
+    dtypes = dtypes or {}
+    with torch.no_grad():
+        for mod_name, mod in module.named_modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                key = f"{mod_name}.{name}" if mod_name else name
+                t = torch.empty(p.shape, dtype=torch.float32, device=draw_dev)
+                _plain_fill_(t, key, norms, std, gen)
+                setattr(mod, name, nn.Parameter(
+                    t.to(device=device, dtype=dtypes.get(key, torch.float32)),
+                    requires_grad=requires_grad))
+    return finish_module(module, device)
+
+
 def random_state_dict(component: str, config: dict | None = None, *, init: str = "plain",
                       seed: int = 0, device: torch.device | str = "cpu",
                       std: float = 0.02) -> dict[str, torch.Tensor]:
@@ -485,14 +525,7 @@ def random_state_dict(component: str, config: dict | None = None, *, init: str =
     out: dict[str, torch.Tensor] = {}
     for key, meta in module.state_dict().items():
         t = torch.empty(meta.shape, dtype=torch.float32, device=device)
-        leaf = key.rsplit(".", 1)[-1]
-        if key in norms:
-            t.fill_(1.0 if leaf == "weight" else 0.0)
-        elif leaf == "bias":
-            t.zero_()
-        else:
-            t.normal_(0.0, std, generator=gen)
-        out[key] = t.to(storage_dtype(component, key))
+        out[key] = _plain_fill_(t, key, norms, std, gen).to(storage_dtype(component, key))
     if init == "realistic":
         _apply_realistic(component, out)
     return out

@@ -196,20 +196,12 @@ def build(config: dict | None = None, *, skip_unused: bool = False) -> P3SAM:
 
 def init_random_(model: nn.Module, *, std: float = 0.02, generator: torch.Generator | None = None
                  ) -> nn.Module:
-    """Plain random init in place (weights N(0, std²), biases 0, norm weights 1): the rule of
-    ``turbopart.weights.random_state_dict`` for benchmarks without a weight directory."""
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            is_norm = isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)) or \
-                type(m).__name__ in ("RMSNorm", "LayerNorm") or getattr(m, "is_norm", False)
-            for pname, p in m.named_parameters(recurse=False):
-                if is_norm:
-                    p.fill_(1.0 if pname == "weight" else 0.0)
-                elif pname == "bias":
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=generator)
-    return model
+    """Plain random init in place (the rule of ``turbopart.weights.random_state_dict``), for
+    benchmarks without a weight directory; parameters keep their device and dtype."""
+    from ..weights import materialize_random
+    p = next(model.parameters())
+    return materialize_random(model, p.device, std=std, generator=generator,
+                              dtypes={k: v.dtype for k, v in model.named_parameters()})
 
 
 __all__ = ["P3SAM", "P3SAMConfig", "build", "default_params", "tiny_config", "three_layer_mlp",

@@ -202,16 +202,12 @@ class Sonata(nn.Module):
 
     def init_random_(self, generator: torch.Generator | None = None, std: float = 0.02
                      ) -> "Sonata":
-        """Random weights for tests/benchmarks: matrices N(0, std²), norms 1/0, biases 0."""
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("bias"):
-                    p.zero_()
-                elif p.dim() == 1:
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32)
-                            .mul_(std).to(p.dtype))
+        """Plain random weights for tests/benchmarks (``turbopart.weights`` rule), in place;
+        parameters keep their device and dtype."""
+        from ..weights import materialize_random
+        p = next(self.parameters())
+        materialize_random(self, p.device, std=std, generator=generator,
+                           dtypes={k: v.dtype for k, v in self.named_parameters()})
         return self
 
     # ------------------------------------------------------------------ forward pieces

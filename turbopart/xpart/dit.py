@@ -1022,23 +1022,13 @@ def materialize_random(model: PartFormerDiT, *, device: torch.device | str = "cp
     norms, ``part_embed`` and buffers stay fp32.
     """
     from ..runtime.precision import compute_dtype as _cdt
+    from ..weights import materialize_random as _materialize
     device = torch.device(device)
     num = Numerics.parse(numerics)
     lin_dt = linear_dtype or _cdt(num, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for mod in model.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            is_norm = isinstance(mod, (nn.LayerNorm, nn.RMSNorm))
-            dt = lin_dt if isinstance(mod, nn.Linear) else torch.float32
-            t = torch.empty(p.shape, device=device, dtype=torch.float32)
-            if is_norm:
-                t.fill_(1.0 if name == "weight" else 0.0)
-            elif name == "bias":
-                t.zero_()
-            else:
-                t.normal_(0.0, std, generator=gen)
-            # exact: requires_grad like the official module, so autocast caches its bf16 casts
-            setattr(mod, name, nn.Parameter(t.to(dt), requires_grad=num is Numerics.EXACT))
-        for name, b in list(mod.named_buffers(recurse=False)):
-            setattr(mod, name, torch.zeros(b.shape, device=device, dtype=torch.float32))
-    return model.eval()
+    dtypes = {f"{mn}.{pn}" if mn else pn: lin_dt
+              for mn, m in model.named_modules() if isinstance(m, nn.Linear)
+              for pn, _ in m.named_parameters(recurse=False)}
+    # exact: requires_grad like the official module, so autocast caches its bf16 casts
+    return _materialize(model, device, dtypes=dtypes, std=std, seed=seed,
+                        requires_grad=num is Numerics.EXACT)
