@@ -136,3 +136,63 @@ def test_realistic_init_rule():
                        "geo_decoder.cross_attn_decoder.attn.c_proj.weight",
                        "geo_decoder.cross_attn_decoder.mlp.c_proj.weight",
                        "geo_decoder.output_proj.weight", "geo_decoder.output_proj.bias"}
+
+
+# --------------------------------------------------------------------------- resolution
+
+def _hf_cache(root, src):
+    """A Hugging Face hub cache holding ``src`` as tencent/Hunyuan3D-Part at revision main."""
+    import shutil
+    repo = root / "models--tencent--Hunyuan3D-Part"
+    rev = "0" * 40
+    shutil.copytree(src, repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    return repo / "snapshots" / rev
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    d = _tiny_dir(tmp_path)
+    cache = _hf_cache(tmp_path / "hub", d)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TURBOPART_WEIGHTS", raising=False)
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"), raising=False)
+    assert weights.resolve().resolve() == cache.resolve()          # 3. the HF cache
+    other = tmp_path / "env"
+    other.mkdir()
+    monkeypatch.setenv("TURBOPART_WEIGHTS", str(other))
+    assert weights.resolve() == other                              # 2. the environment
+    assert weights.resolve(d) == d                                 # 1. --weights
+    with pytest.raises(CheckpointError, match="no such directory"):
+        weights.resolve(tmp_path / "missing")
+
+
+def test_download_is_opt_in_and_validated(tmp_path, monkeypatch):
+    """The download path, offline: snapshot_download served from a local directory."""
+    import shutil
+    import huggingface_hub
+    src = _tiny_dir(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, local_dir=None, local_files_only=False, **kw):
+        calls.append((repo_id, local_dir, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        dest = tmp_path / "downloaded" if local_dir is None else local_dir
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("TURBOPART_WEIGHTS", raising=False)
+    with pytest.raises(CheckpointError, match="weights download"):
+        weights.resolve()                                          # no silent download
+    assert weights.resolve(download=True, progress=False) == tmp_path / "downloaded"
+    assert calls[-1] == ("tencent/Hunyuan3D-Part", None, False)
+    got = weights.fetch(tmp_path / "local", progress=False)        # turbopart weights download
+    assert got == tmp_path / "local" and (got / "model" / "config.json").is_file()
+    # a download that arrives incomplete is refused, naming what is wrong
+    (src / "shapevae" / "shapevae.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shapevae"):
+        weights.fetch(tmp_path / "broken", progress=False)

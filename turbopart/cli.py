@@ -35,8 +35,8 @@ def _cmd_weights_check(args) -> int:
 
 def _cmd_weights_download(args) -> int:
     from . import weights
-    path = weights.resolve(args.out, download=True) if args.out else weights.resolve(download=True)
-    print(path)
+    path = weights.fetch(args.local_dir)
+    print(f"weights ready in {path}  (use --weights {path} or set TURBOPART_WEIGHTS)")
     return 0
 
 
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.set_defaults(func=_cmd_weights_check)
     d = wsub.add_parser("download", help="download tencent/Hunyuan3D-Part from Hugging Face")
-    d.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    d.add_argument("--local-dir", default=None, metavar="DIR",
+                   help="download into DIR (default: the Hugging Face cache)")
     d.set_defaults(func=_cmd_weights_download)
 
     g = sub.add_parser("golden", help="run the official reference cases and print a "

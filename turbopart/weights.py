@@ -611,11 +611,7 @@ def resolve(weights: str | os.PathLike | None = None, *, download: bool = False,
     except Exception:
         pass
     if download:
-        from huggingface_hub import snapshot_download
-        try:
-            return Path(snapshot_download(HF_REPO_ID))
-        except Exception as exc:
-            raise CheckpointError(f"download of {HF_REPO_ID} failed: {exc}") from None
+        return fetch(progress=progress)
     raise CheckpointError(
         "no Hunyuan3D-Part weights found. Get them with one of:\n"
         f"  turbopart weights download            (downloads {HF_REPO_ID}, about 9.5 GB)\n"
@@ -623,3 +619,19 @@ def resolve(weights: str | os.PathLike | None = None, *, download: bool = False,
         "  or set TURBOPART_WEIGHTS=DIR.  The weights are Tencent's, under their license.\n"
         "For benchmarking without them: --weights random (full-size random weights; the "
         "output is noise).")
+
+
+def fetch(local_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
+    """Download ``tencent/Hunyuan3D-Part`` with ``huggingface_hub`` (into ``local_dir``, or the
+    Hugging Face cache), showing its progress bars; then validate what arrived."""
+    from huggingface_hub import snapshot_download
+    if progress:
+        print(f"downloading {HF_REPO_ID} (about 9.5 GB; Tencent's weights, under their "
+              f"license) ...", flush=True)
+    try:
+        path = Path(snapshot_download(HF_REPO_ID, local_dir=None if local_dir is None
+                                      else str(local_dir)))
+    except Exception as exc:
+        raise CheckpointError(f"download of {HF_REPO_ID} failed: {exc}") from None
+    check_dir(path)
+    return path
