@@ -66,34 +66,12 @@ def _shared() -> Path:
 DEFAULT_MESH = _shared() / "meshes" / "sheen_chair.glb"
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int, warmup: int, first: list | None = None):
-    """Median-able times of ``repeats`` synchronised calls after ``warmup`` calls; the
-    warm-up times are appended to ``first`` when given (the first one is a cold call)."""
-    out = None
-    for _ in range(warmup):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        if first is not None:
-            first.append(time.perf_counter() - t0)
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, out
 
 
 from turbopart.runtime.profiling import git_commit  # noqa: E402
+from turbopart.runtime.profiling import sync, timed  # noqa: E402
 
 
 

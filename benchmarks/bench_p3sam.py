@@ -36,7 +36,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -114,30 +113,11 @@ def cast_model(model: torch.nn.Module, numerics: str, device: torch.device) -> t
     return W.finish_module(model, device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, repeats: int, warmup: int):
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
+    """(median seconds, seconds of every repeat, last output)."""
+    times, out = profiling.timed(fn, device, repeats, warmup)
     return statistics.median(times), times, out
 
 
@@ -205,6 +185,8 @@ def agreement(ref: P.PromptPredictions, out: P.PromptPredictions) -> dict[str, f
 
 
 from turbopart.runtime.profiling import git_commit  # noqa: E402
+from turbopart.runtime import profiling  # noqa: E402
+from turbopart.runtime.profiling import sync  # noqa: E402
 
 
 

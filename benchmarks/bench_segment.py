@@ -57,22 +57,6 @@ def shared_meshes() -> Path:
     raise SystemExit("shared meshes not found: set TURBOPART_SHARED")
 
 
-def scaled_init_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Golden-case recipe: W ~ N(0, clip(1/sqrt(fan_in), 0.02, 0.2)^2), biases 0.05 N,
-    norm weights 1 + 0.1 N (non-degenerate logits, unlike the 0.02 init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            is_norm = isinstance(m, torch.nn.LayerNorm) or "Norm" in type(m).__name__
-            for name, p in m.named_parameters(recurse=False):
-                r = torch.randn(p.shape, generator=g)
-                if is_norm:
-                    p.copy_(1 + 0.1 * r if name == "weight" else 0.05 * r)
-                elif name == "bias" or p.dim() < 2:
-                    p.copy_(0.05 * r)
-                else:
-                    fan_in = p.numel() // p.shape[0]
-                    p.copy_(r * min(max(fan_in ** -0.5, 0.02), 0.2))
 
 
 def make_segmenter(args, numerics: str, device: torch.device) -> tuple[Segmenter, float]:
@@ -88,7 +72,8 @@ def make_segmenter(args, numerics: str, device: torch.device) -> tuple[Segmenter
         if args.init == "plain":
             init_random_(model, std=0.02, generator=torch.Generator().manual_seed(0))
         else:
-            scaled_init_(model)
+            from bench_p3sam import init_scaled_
+            init_scaled_(model)
         dt = param_dtypes(model, numerics, device)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -80,31 +80,8 @@ def build_head(numerics: str, device: torch.device, seed: int = 1) -> torch.nn.M
     return head.to(device=device, dtype=compute_dtype(numerics, device)).eval()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int, warmup: int) -> tuple[list[float], object]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-    return times, out
 
 
 def phases(model, pts, nrm, numerics, device, head) -> dict[str, float]:
@@ -138,6 +115,7 @@ def phases(model, pts, nrm, numerics, device, head) -> dict[str, float]:
 
 
 from turbopart.runtime.profiling import git_commit  # noqa: E402
+from turbopart.runtime.profiling import sync, timed  # noqa: E402
 
 
 

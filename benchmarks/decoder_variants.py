@@ -63,6 +63,7 @@ from turbopart.runtime.precision import param_dtypes  # noqa: E402
 from turbopart.xpart import decoding as dec  # noqa: E402
 from turbopart.xpart import vae as vae_mod  # noqa: E402
 from turbopart.xpart.vae import DecoderKV, FusedOptions  # noqa: E402
+from turbopart.runtime.profiling import sync, timed  # noqa: E402
 
 FLOP_PER_QUERY = 25.3e6
 T0 = time.perf_counter()
@@ -76,24 +77,8 @@ def log(msg: str) -> None:
     print(f"[{elapsed():6.1f}s] {msg}", flush=True)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int, warmup: int = 1):
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, out
 
 
 def ulp_stats(out: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -47,6 +47,7 @@ import bench_dit  # noqa: E402
 from turbopart.nn import kernels as nn_kernels  # noqa: E402
 from turbopart.nn.attention import attention, backend_context  # noqa: E402
 from turbopart.runtime import memory  # noqa: E402
+from turbopart.runtime.profiling import sync  # noqa: E402
 from turbopart.xpart.dit_runner import DiTRunner  # noqa: E402
 
 T0 = time.perf_counter()
@@ -56,9 +57,6 @@ def elapsed() -> float:
     return time.perf_counter() - T0
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def cuda_time(fn, dev, reps: int = 10) -> float:

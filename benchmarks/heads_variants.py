@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_p3sam as BP  # noqa: E402
 from turbopart.geometry.fps import farthest_point_sampling  # noqa: E402
+from turbopart.runtime.profiling import sync  # noqa: E402
 from turbopart.p3sam import predictor as P  # noqa: E402
 
 AGREE_MASK = 0.997
@@ -97,9 +98,6 @@ def _reset_kernel_state():
     P._HalfPairs.calls = P._HalfPairs.fallback_calls = 0
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_heads(pred, prompts, device, repeats: int):

@@ -103,3 +103,38 @@ def environment() -> dict[str, Any]:
     else:
         info.update(gpu=None, cpu=platform.processor() or platform.machine())
     return info
+
+
+def timed(fn, device: torch.device | str, repeats: int, warmup: int = 1,
+          first: list | None = None) -> tuple[list[float], Any]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls, and the last output.
+
+    On CUDA each repeat is timed with device events, elsewhere with a synchronised wall
+    clock; the wall-clock seconds of the warm-up calls are appended to ``first`` when given
+    (the first of them is the cold call).
+    """
+    device = torch.device(device)
+    out = None
+    for _ in range(warmup):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        if first is not None:
+            first.append(time.perf_counter() - t0)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    return times, out
