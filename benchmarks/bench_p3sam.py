@@ -61,18 +61,6 @@ def default_mesh() -> Path:
     return REPO.parent / "shared" / "meshes" / "ai_mech_robot.glb"
 
 
-def sample_points(mesh_path: Path, n: int, seed: int = 42):
-    """P3-SAM input: area-weighted samples, face normals, normalize_pc (float64)."""
-    import trimesh
-    mesh = trimesh.load(str(mesh_path), force="mesh")
-    pts, fi = trimesh.sample.sample_surface(mesh, n, seed=seed)
-    nrm = np.asarray(mesh.face_normals)[fi]
-    pts = np.asarray(pts, dtype=np.float64)
-    mx, mn = pts.max(0), pts.min(0)
-    scale = np.max((mx - mn) / 2)
-    return (pts - (mx + mn) / 2) / (scale + 1e-10), nrm.astype(np.float64)
-
-
 def init_scaled_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """The golden cases' weight recipe (non-degenerate activations)."""
     g = torch.Generator().manual_seed(seed)
@@ -186,6 +174,7 @@ def agreement(ref: P.PromptPredictions, out: P.PromptPredictions) -> dict[str, f
 
 from turbopart.runtime.profiling import git_commit  # noqa: E402
 from turbopart.runtime import profiling  # noqa: E402
+from bench_sonata import sample_points  # noqa: E402
 from turbopart.runtime.profiling import sync  # noqa: E402
 
 

@@ -41,20 +41,18 @@ DEFAULT_MESH = next((d / "meshes" / MESH_NAME for d in (REPO.parent / "shared", 
 
 
 def sample_points(mesh_path: Path, n: int, seed: int = 42):
-    """P3-SAM input: area-weighted samples, face normals, normalize_pc (float64)."""
+    """P3-SAM input: area-weighted samples (official seed rule), face normals, normalize_pc
+    (float64), through turbopart.mesh."""
     import trimesh
+
+    from turbopart.mesh import load_mesh, normalize_points, sample_surface
     if mesh_path.is_file():
-        mesh = trimesh.load(str(mesh_path), force="mesh")
+        mesh = load_mesh(mesh_path)
     else:  # no shared meshes on this machine: a sphere (the spec's worst-case area)
         print(f"note: {mesh_path} not found, using an icosphere")
         mesh = trimesh.creation.icosphere(subdivisions=6)
-    pts, fi = trimesh.sample.sample_surface(mesh, n, seed=seed)
-    nrm = np.asarray(mesh.face_normals)[fi]
-    pts = np.asarray(pts, dtype=np.float64)
-    mx, mn = pts.max(0), pts.min(0)
-    center = (mx + mn) / 2
-    scale = np.max((mx - mn) / 2)
-    return (pts - center) / (scale + 1e-10), nrm.astype(np.float64)
+    pts, fi = sample_surface(mesh, n, seed)
+    return normalize_points(pts)[0], np.asarray(mesh.face_normals, dtype=np.float64)[fi]
 
 
 def build_model(numerics: str, device: torch.device, seed: int = 0) -> Sonata:

@@ -42,10 +42,11 @@ class Engine:
                 from concurrent.futures import ThreadPoolExecutor
 
                 from .p3sam.segmenter import Segmenter
-                from .xpart.commands import _device, resolve_weights
+                from .cli import parse_device
+                from .xpart.commands import resolve_weights
                 from .xpart.pipeline import XPartPipeline
                 self._weights_path = resolve_weights(self.weights, progress=True)
-                dev = _device(self.device)
+                dev = parse_device(self.device)
                 with ThreadPoolExecutor(2) as pool:
                     fs = pool.submit(Segmenter.from_pretrained, self._weights_path, device=dev,
                                      numerics=self.numerics)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 EPILOG = """\
 The weights are Tencent's (tencent/Hunyuan3D-Part, under their license) and are downloaded
@@ -13,6 +12,35 @@ by you: `turbopart weights download`, or pass --weights DIR / set TURBOPART_WEIG
 
 class UserError(Exception):
     """An error the user can fix: printed as one line, exit status 2."""
+
+
+def parse_device(spec: str | None):
+    """``--device``: None → cuda when available, else cpu; a clear error for bad values."""
+    import torch
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {spec}: not a device (use cuda, cuda:N or cpu)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: no CUDA device is available here (use --device cpu)")
+    return dev
+
+
+def add_runtime_options(p: argparse.ArgumentParser, *, numerics: bool = True,
+                        exact_help: str = "the official arithmetic",
+                        fast_help: str = "turbopart's bf16 kernels (default)") -> None:
+    """``--device`` and (with ``numerics``) ``--exact | --fast``, the same on every command."""
+    p.add_argument("--device", default=None, metavar="cuda|cpu",
+                   help="device (default: cuda when available, else cpu)")
+    if numerics:
+        num = p.add_mutually_exclusive_group()
+        num.add_argument("--exact", dest="numerics", action="store_const", const="exact",
+                         help=exact_help)
+        num.add_argument("--fast", dest="numerics", action="store_const", const="fast",
+                         help=fast_help)
+        p.set_defaults(numerics="fast")
 
 
 def _cmd_weights_random(args) -> int:

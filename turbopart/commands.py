@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import add_runtime_options
+
 SEGMENT_HELP = """\
 Segment a mesh into parts with P3-SAM (the official automatic-mask algorithm).
 
@@ -64,15 +66,10 @@ def register(subparsers) -> None:
                    help="official no-connectivity variant: each face takes the majority label "
                         "of its nearest labelled points (no repair, no merging; "
                         "--threshold and post-processing unused)")
-    s.add_argument("--device", default=None, metavar="cuda|cpu",
-                   help="device (default: cuda when available, else cpu)")
-    num = s.add_mutually_exclusive_group()
-    num.add_argument("--exact", dest="numerics", action="store_const", const="exact",
-                     help="official arithmetic (fp32 heads, fp16 Sonata attention)")
-    num.add_argument("--fast", dest="numerics", action="store_const", const="fast",
-                     help="bf16 matmuls with fp32 accumulation on CUDA (default)")
+    add_runtime_options(s, exact_help="official arithmetic (fp32 heads, fp16 Sonata attention)",
+                        fast_help="bf16 matmuls with fp32 accumulation on CUDA (default)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_segment, numerics="fast")
+    s.set_defaults(func=cmd_segment)
 
     f = subparsers.add_parser(
         "fidelity", help="measure how far --fast lands from --exact (the official numerics)",
@@ -94,7 +91,7 @@ def register(subparsers) -> None:
                    help="volume grid of the X-Part comparison (default 256)")
     f.add_argument("--parts", type=int, default=8, metavar="K", help="parts of the DiT check")
     f.add_argument("--seed", type=int, default=42)
-    f.add_argument("--device", default=None, metavar="cuda|cpu")
+    add_runtime_options(f, numerics=False)
     f.add_argument("--out", default=None, metavar="FILE", help="write the report as JSON")
     f.set_defaults(func=cmd_fidelity)
 
@@ -106,14 +103,11 @@ def register(subparsers) -> None:
     a.add_argument("--weights", metavar="DIR|random", default=None,
                    help="checkpoint folder (default: $TURBOPART_WEIGHTS, the HF cache); "
                         "'random' = full-size random weights (noise output)")
-    a.add_argument("--device", default=None, metavar="cuda|cpu")
-    an = a.add_mutually_exclusive_group()
-    an.add_argument("--exact", dest="numerics", action="store_const", const="exact")
-    an.add_argument("--fast", dest="numerics", action="store_const", const="fast")
+    add_runtime_options(a)
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     a.add_argument("--port", type=int, default=7860)
     a.add_argument("--share", action="store_true", help="a public Gradio link")
-    a.set_defaults(func=cmd_app, numerics="fast")
+    a.set_defaults(func=cmd_app)
 
 
 def cmd_app(args) -> int:
@@ -206,23 +200,10 @@ def cmd_segment(args) -> int:
 
 
 def _segmenter(args):
-    import torch
-
-    from .cli import UserError
+    from .cli import parse_device
     from .p3sam.segmenter import Segmenter
-    if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise UserError(f"--device {args.device}: not a device (use cuda, cuda:N or cpu)") \
-                from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: CUDA is not available here (use --device cpu)")
-    try:
-        import turbopart.p3sam.predictor  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"the P3-SAM network is not available ({exc})") from None
-    return Segmenter.from_pretrained(args.weights, device=args.device, numerics=args.numerics)
+    return Segmenter.from_pretrained(args.weights, device=parse_device(args.device),
+                                     numerics=args.numerics)
 
 
 def write_segmentation(dest: Path, result, *, source: Path | None = None, mesh_in=None

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli import add_runtime_options, parse_device
+
 log = logging.getLogger(__name__)
 
 import numpy as np
@@ -93,20 +95,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "merged by the segmentation; generate: the largest N boxes are kept)")
     p.add_argument("--seed", type=int, default=42, metavar="S",
                    help="random seed (surface sampling, noise, part embeddings); official 42")
-    num = p.add_mutually_exclusive_group()
-    num.add_argument("--exact", dest="numerics", action="store_const", const="exact",
-                     help="the official arithmetic (fp32 weights, bf16 autocast)")
-    num.add_argument("--fast", dest="numerics", action="store_const", const="fast",
-                     help="bf16 weights, fused kernels, CUDA graphs (default)")
-    p.add_argument("--device", default=None, metavar="cuda|cpu",
-                   help="device (default: cuda when available, else cpu)")
+    add_runtime_options(p, exact_help="the official arithmetic (fp32 weights, bf16 autocast)",
+                        fast_help="bf16 weights, fused kernels, CUDA graphs (default)")
     p.add_argument("--weights", default=None, metavar="DIR|random",
                    help="checkpoint folder (default: $TURBOPART_WEIGHTS, then the Hugging "
                         "Face cache); 'random' = full-size random weights (noise output)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also write timings, counters and memory as JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(numerics="fast")
 
 
 PRESET_NAMES = ("quality", "balanced", "fast")
@@ -209,21 +205,6 @@ def random_weights(init: str = "realistic", *, progress: bool = True,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _device(spec: str | None):
-    import torch
-
-    from ..cli import UserError
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"--device {spec}: not a device (use cuda, cuda:N or cpu)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    return dev
 
 
 def read_boxes(path: str | os.PathLike) -> np.ndarray:
@@ -428,7 +409,7 @@ def cmd_generate(args) -> int:
     settings = resolve_settings(args)
     mesh = load_mesh(args.mesh)
     boxes = limit_boxes(read_boxes(args.boxes), args.max_parts)
-    device = _device(args.device)
+    device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh))
     try:
         from concurrent.futures import ThreadPoolExecutor
@@ -478,7 +459,7 @@ def cmd_run(args) -> int:
         mesh, source = example_mesh("chair"), "example:chair"
     else:
         mesh, source = load_mesh(args.mesh), str(args.mesh)
-    device = _device(args.device)
+    device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh or "example"))
     try:
         timings: dict[str, float] = {}
