@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random init when building weights: realistic (trained-like "
                         "decoding work; default) or plain (the official baseline's init: "
                         "dense decoding, foam meshes)")
+    p.add_argument("--weights-seed", type=int, default=0, metavar="S",
+                   help="seed of the random weights when building them (default 0)")
     p.add_argument("--mesh", default=None, metavar="PATH",
                    help=f"mesh (default: shared/meshes/{DEFAULT_MESH})")
     p.add_argument("--modes", nargs="+", choices=["exact", "fast"], default=["exact", "fast"])
@@ -345,10 +347,10 @@ def build_weights(args) -> Path:
     if args.tiny:
         from turbopart import weights as W
         d = Path(tempfile.mkdtemp(prefix="turbopart-bench-tiny-"))
-        W.write_random(d, tiny=True, init=args.init)
+        W.write_random(d, tiny=True, init=args.init, seed=args.weights_seed)
         return d
     from turbopart.xpart.commands import random_weights
-    return random_weights(args.init)
+    return random_weights(args.init, seed=args.weights_seed)
 
 
 # --------------------------------------------------------------------------- main
@@ -394,6 +396,7 @@ def run(args) -> int:
         "python": platform.python_version(),
         "settings": {"mesh": mesh_name, "faces": int(len(mesh.faces)), "steps": args.steps,
                      "octree_resolution": args.octree_resolution, "init": args.init,
+                     "weights_seed": args.weights_seed,
                      "weights": str(weights), "modes": args.modes, "parts": args.parts,
                      "seg_points": args.seg_points, "seg_prompts": args.seg_prompts,
                      "device": device, "tiny": bool(args.tiny)},

@@ -19,6 +19,13 @@ CPU_BUDGET = int(float(os.environ.get("TURBOPART_CPU_BUDGET_GB", "2")) * 2**30)
 GPU_BUDGET = int(float(os.environ.get("TURBOPART_GPU_BUDGET_GB", "11")) * 2**30)
 
 
+#: Working memory (bytes) every chunked step may still use when the resident models alone
+#: exceed :data:`GPU_BUDGET` (``exact`` keeps ~14 GB of fp32 weights): without this floor
+#: every chunk would shrink to its minimum (e.g. marching cubes 100× slower).  Never more
+#: than the budget fraction of the free memory.  ``TURBOPART_MIN_WORK_GB``.
+MIN_WORK = int(float(os.environ.get("TURBOPART_MIN_WORK_GB", "1.5")) * 2**30)
+
+
 def set_gpu_budget(gigabytes: float | None) -> None:
     """Set the process-wide GPU memory ceiling (None: no ceiling beyond free memory)."""
     global GPU_BUDGET
@@ -39,11 +46,11 @@ def free_bytes(device: torch.device | str) -> int:
 def budget_bytes(device: torch.device | str, fraction: float | None = None,
                  cap: int | None = None) -> int:
     """A working budget: ``fraction`` of :func:`free_bytes`, within :data:`GPU_BUDGET`
-    (less what is allocated now), optionally capped."""
+    (less what is allocated now, but at least :data:`MIN_WORK`), optionally capped."""
     device = torch.device(device)
     b = int(free_bytes(device) * (DEFAULT_FRACTION if fraction is None else fraction))
     if device.type == "cuda":
-        b = min(b, GPU_BUDGET - torch.cuda.memory_allocated(device))
+        b = min(b, max(GPU_BUDGET - torch.cuda.memory_allocated(device), MIN_WORK))
     if cap is not None:
         b = min(b, int(cap))
     return max(b, 0)

@@ -174,15 +174,16 @@ def resolve_weights(spec: str | None, *, progress: bool = True) -> Path:
     return random_weights(init, progress=progress)
 
 
-def random_weights(init: str = "realistic", *, progress: bool = True,
+def random_weights(init: str = "realistic", *, seed: int = 0, progress: bool = True,
                    cache: str | os.PathLike | None = None) -> Path:
-    """Full-size random weights in ``~/.cache/turbopart/random-<init>`` (written once)."""
+    """Full-size random weights in ``~/.cache/turbopart/random-<init>[-seed<S>]`` (written
+    once; drawn with the GPU's generator when there is one)."""
     import torch
 
     from .. import weights as W
     root = Path(cache) if cache else Path(os.environ.get(
         "TURBOPART_CACHE", Path.home() / ".cache" / "turbopart"))
-    path = root / f"random-{init}"
+    path = root / (f"random-{init}" + (f"-seed{seed}" if seed else ""))
     banner = ("!" * 78 + "\n!!  RANDOM WEIGHTS: the models are untrained, every output is NOISE.  "
               "For\n!!  trying the tool and for benchmarks only.  Real weights: "
               "`turbopart weights\n!!  download` (tencent/Hunyuan3D-Part).\n" + "!" * 78)
@@ -196,7 +197,7 @@ def random_weights(init: str = "realistic", *, progress: bool = True,
     print(f"writing full-size random weights ({init} init, about 9.5 GB) to {path} ...",
           file=sys.stderr, flush=True)
     try:
-        W.write_random(tmp, init=init, device=dev, progress=progress)
+        W.write_random(tmp, init=init, seed=seed, device=dev, progress=progress)
         (tmp / ".complete").write_text("turbopart random weights\n")
         if path.exists():
             shutil.rmtree(path)
