@@ -357,11 +357,12 @@ def _decode_chunk(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Decode
 class FusedOptions(NamedTuple):
     """Choices of the fused geometry-decoder path (:func:`_decode_chunk_fused`).
 
-    ``attn``: SDPA after a q_norm kernel: "cudnn" (default: the fastest on the H100, 21.2 /
-    18.5 M q/s coarse / fine against 20.2 / 18.0 for "triton"; PyTorch's own choice where
-    cuDNN attention is unavailable), "sdpa" (PyTorch's choice), "flash", "efficient"; or
-    "triton" (our flash-style kernel with q_norm fused and the shared coarse query set read
-    once for every part).
+    ``attn``: "triton" (default: flash-style kernel with q_norm fused and the shared coarse
+    query set read once for every part), or SDPA after a q_norm kernel: "sdpa" (PyTorch's
+    choice), "flash", "cudnn", "efficient".  cuDNN wins the fixed-shape micro-benchmark
+    (21.2 / 18.5 M q/s coarse / fine against 20.2 / 18.0) but loses inside the pipeline,
+    where every chunk of the fine levels has a new row count (1.75 s against 1.43 s for the
+    8-part decode on the same H100).
     ``gemm``: "cublas" (every Linear in cuBLAS, GELU as ``F.gelu``), "gelu" / "gelu_tma"
     (c_fc as a Triton GEMM with the bias + exact GELU epilogue, pointer or TMA loads; the
     rest cuBLAS), "triton" / "triton_tma" (all four 1024-wide Linears in Triton, residual adds
@@ -369,7 +370,7 @@ class FusedOptions(NamedTuple):
     ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
     PyTorch ops, for checks).
     """
-    attn: str = "cudnn"
+    attn: str = "triton"
     gemm: str = "cublas"
     glue: bool = True
 
