@@ -57,6 +57,8 @@ def test_generate_tiny_drops_empty_boxes_and_is_deterministic(pipe):
         assert np.all(v >= lo) and np.all(v <= hi)
         assert np.all(np.isfinite(v))
         assert p.raw_faces >= len(p.mesh.faces) > 0
+        # the area summed on the device during clean-up is the mesh's own area
+        assert p.info()["area"] == pytest.approx(float(p.mesh.area), rel=1e-5)
     vol = pipe.volumes(res.latents, 16)
     assert vol.grid.shape == (2, 17, 17, 17) and vol.mask is None
     again = pipe(mesh, boxes, steps=2, octree_resolution=16, seed=3, keep_latents=True)
