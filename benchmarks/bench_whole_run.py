@@ -12,6 +12,8 @@ kernel cache, as any earlier run on the machine would; its wall clock is reporte
 first-ever run.  The page cache is dropped before each timed process (root on Linux).
 
     python benchmarks/bench_whole_run.py --init realistic|plain [--weights-seed S]
+
+The plain init uses weight seed 8 by default (see ``bench_pipeline.PLAIN_WEIGHTS_SEED``).
 """
 import argparse
 import json
@@ -28,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_pipeline import DEFAULT_MESH, GRIDS, OFFICIAL, shared_dir  # noqa: E402
+from bench_pipeline import DEFAULT_MESH, GRIDS, OFFICIAL, shared_dir, weights_seed  # noqa: E402
 from bench_startup import drop_page_cache  # noqa: E402
 
 #: The official whole job (shared/baseline/official-h100.md): start-up (imports + X-Part
@@ -52,7 +54,8 @@ def timed(cmd: list[str], *, cold: bool, timeout: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init", choices=["realistic", "plain"], default="realistic")
-    ap.add_argument("--weights-seed", type=int, default=0)
+    ap.add_argument("--weights-seed", type=int, default=None,
+                    help="default: 0 (realistic), bench_pipeline.PLAIN_WEIGHTS_SEED (plain)")
     ap.add_argument("--weights", default=None, help="weight folder (default: random, cached)")
     ap.add_argument("--mesh", default=None)
     ap.add_argument("--out", default=None, help="result JSON")
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--octree-resolution", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=500)
     a = ap.parse_args()
+    a.weights_seed = weights_seed(a.init, a.weights_seed)
 
     import torch
 

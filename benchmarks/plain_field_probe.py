@@ -65,7 +65,12 @@ def main() -> int:
             print(f"{s:>4} {q['mean']:7.3f} {q['std']:6.3f} {q['min']:7.3f} {q['max']:7.3f} "
                   f"{100 * q['refined']:7.1f}%", flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": str(dev), "rows": res}, indent=1))
+        from turbopart.runtime.profiling import environment
+        Path(a.out).write_text(json.dumps({
+            "benchmark": "plain-init decoder field per weight seed", "environment": environment(),
+            "settings": {"device": str(dev), "seeds": a.seeds, "parts": a.parts,
+                         "tiny": a.tiny, "coarse_grid": 32 if a.tiny else 128},
+            "rows": res}, indent=1))
     return 0
 
 
