@@ -150,3 +150,17 @@ def test_generate_tiny_on_gpu(tiny_dir, numerics):
     assert len(res.parts) == 3 and res.latents.is_cuda
     assert all(len(q) == 2 for q in res.counters["queries_per_level"])
     assert any(part.ok for part in res.parts)
+
+
+def test_load_time_warm_up_runs_and_changes_nothing(tiny_dir, pipe):
+    # warm_up=True forces the load-time conditioner pass on the CPU (default: CUDA only)
+    warm = pl.XPartPipeline.from_pretrained(tiny_dir, device="cpu", numerics="fast",
+                                            warm_up=True)
+    assert warm.load_timings.get("conditioner_on_loaded", 0.0) > 0.0
+    assert "model_on_loaded" in warm.load_timings                   # the hook ran for every one
+    assert not any(k.endswith("_on_loaded") for k in pipe.load_timings)  # off on the CPU
+    mesh = example_mesh("chair")
+    boxes = example_boxes("chair")[[0, 1]]
+    a = pipe(mesh, boxes, steps=2, octree_resolution=16, seed=5, keep_latents=True)
+    b = warm(mesh, boxes, steps=2, octree_resolution=16, seed=5, keep_latents=True)
+    assert torch.equal(a.latents, b.latents)

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -349,12 +349,15 @@ class SafetensorsReader:
 def load_components(weights: str | os.PathLike, components: Iterable[str], *,
                     device: torch.device | str = "cpu",
                     numerics: Numerics | str = Numerics.FAST,
-                    parallel: bool = True, timings: dict | None = None
+                    parallel: bool = True, timings: dict | None = None,
+                    on_loaded: Callable[[str, nn.Module], None] | None = None
                     ) -> dict[str, nn.Module]:
     """``{name: loaded module}`` for ``components`` of the checkpoint dir ``weights``.
 
     ``timings`` (optional dict) receives the seconds each component took.  The biggest
-    component starts first; errors propagate (the first one raised wins).
+    component starts first; errors propagate (the first one raised wins).  ``on_loaded(name,
+    module)`` runs in the component's loader thread as soon as it is ready, while the others
+    still load (e.g. a warm-up pass); its seconds go to ``timings[name + "_on_loaded"]``.
     """
     from ..weights import load_component
     names = list(dict.fromkeys(components))
@@ -366,7 +369,12 @@ def load_components(weights: str | os.PathLike, components: Iterable[str], *,
         t0 = time.perf_counter()
         m = load_component(weights, name, device=device, numerics=numerics,
                            workers=4 if parallel else 8)
-        return name, m, time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if on_loaded is not None:
+            on_loaded(name, m)
+            if timings is not None:
+                timings[name + "_on_loaded"] = time.perf_counter() - t0 - dt
+        return name, m, dt
 
     out: dict[str, nn.Module] = {}
     if parallel and len(names) > 1:
