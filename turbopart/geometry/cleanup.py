@@ -337,3 +337,14 @@ def official_part_mesh(grid, mask=None, *, cells=None, level: float = MC_LEVEL,
     verts, faces = marching_cubes(grid, level, mask=mask, cells=cells)
     verts = grid_to_world(verts, grid.shape[0] - 1, bounds)
     return official_cleanup(verts, faces, stats=stats, **cleanup_kwargs)
+
+
+def surface_area(verts: torch.Tensor, faces: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Total triangle area of ``verts`` [V, 3] / ``faces`` [F, 3] (per-face cross products in
+    the vertices' dtype, summed in float64; chunked to bound memory)."""
+    total = torch.zeros((), dtype=torch.float64, device=verts.device)
+    for s in range(0, faces.shape[0], chunk):
+        tri = verts[faces[s:s + chunk]]                                     # [n, 3, 3]
+        cr = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        total += cr.double().norm(dim=1).sum()
+    return 0.5 * float(total)

@@ -519,6 +519,7 @@ class XPartPipeline:
         """Index space → normalised → official clean-up → input frame; also the surface area
         in the input frame, summed on the device (trimesh's ``area`` takes seconds per ten
         million faces on the CPU)."""
+        from ..geometry import cleanup
         from ..geometry.marching_cubes import grid_to_world
         if faces.shape[0] == 0:
             return None, 0.0
@@ -526,7 +527,7 @@ class XPartPipeline:
         v, f = _cleanup(v, faces, edge_threshold(resolution))
         if f.shape[0] == 0:
             return None, 0.0
-        area = surface_area(v, f) * float(prep.scale) ** 2
+        area = cleanup.surface_area(v, f) * float(prep.scale) ** 2
         vw = pp.denormalize(v.cpu().numpy(), prep.center, prep.scale)
         return trimesh.Trimesh(vertices=vw, faces=f.cpu().numpy(), process=False), area
 
@@ -548,17 +549,6 @@ def warm_up_conditioner(conditioner, device: torch.device | str,
                     sonata_generator=torch.Generator().manual_seed(0), numerics=numerics)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def surface_area(verts: torch.Tensor, faces: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """Total triangle area of ``verts`` [V, 3] / ``faces`` [F, 3] (per-face cross products in
-    the vertices' dtype, summed in float64; chunked to bound memory)."""
-    total = torch.zeros((), dtype=torch.float64, device=verts.device)
-    for s in range(0, faces.shape[0], chunk):
-        tri = verts[faces[s:s + chunk]]                                     # [n, 3, 3]
-        cr = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-        total += cr.double().norm(dim=1).sum()
-    return 0.5 * float(total)
 
 
 def _cleanup(verts: torch.Tensor, faces: torch.Tensor, max_edge: float
