@@ -220,3 +220,67 @@ def test_fast_clean_on_shared_meshes(name, monkeypatch):
     _assert_fast_clean_identical(m, monkeypatch)
     ref = trimesh.load(str(mesh_path(name)), force="mesh")  # the merge skipped on load
     assert np.array_equal(m.vertices, ref.vertices) and np.array_equal(m.faces, ref.faces)
+
+
+def _glb_json(data: bytes) -> dict:
+    magic, version, total = struct.unpack("<4sII", data[:12])
+    assert (magic, version, total) == (b"glTF", 2, len(data))
+    n = struct.unpack("<I", data[12:16])[0]
+    return json.loads(data[20:20 + n])
+
+
+def test_write_glb_round_trip(tmp_path):
+    from turbopart.mesh import GlbMesh, write_glb
+    rng = np.random.default_rng(0)
+    a = GlbMesh.of("part_000", rng.random((50, 3)), rng.integers(0, 50, (80, 3)), (255, 0, 0, 255))
+    b = GlbMesh.of("part_001", rng.random((30, 3)) + 2, rng.integers(0, 30, (40, 3)),
+                   (0, 128, 255, 255)).moved((0.5, 0, -1))
+    out = write_glb(tmp_path / "s.glb", [a, b])
+    doc = _glb_json(out.read_bytes())
+    assert [n["name"] for n in doc["nodes"]] == ["part_000", "part_001"]
+    assert "translation" not in doc["nodes"][0] and doc["nodes"][1]["translation"] == [0.5, 0, -1]
+    assert doc["materials"][1]["pbrMetallicRoughness"]["baseColorFactor"] == [0, 128 / 255, 1, 1]
+    assert doc["accessors"][0]["min"] == a.vertices.min(0).tolist()
+    scene = trimesh.load_scene(str(out))
+    for m in (a, b):
+        g = scene.geometry[m.name]
+        assert np.array_equal(np.asarray(g.vertices, dtype=np.float32), m.vertices)
+        assert np.array_equal(g.faces, m.faces)
+    tf, _ = scene.graph["part_001"]
+    assert np.allclose(tf[:3, 3], [0.5, 0, -1])
+    # the same scene through trimesh's exporter: same geometry
+    ref = trimesh.load(trimesh.util.wrap_as_stream(scene.export(file_type="glb")),
+                       file_type="glb")
+    assert sorted(ref.geometry) == ["part_000", "part_001"]
+
+
+def test_write_glb_too_large(tmp_path, monkeypatch):
+    import turbopart.mesh as M
+    monkeypatch.setattr(M, "GLB_MAX_BYTES", 1000)
+    m = M.GlbMesh.of("p", np.zeros((100, 3)), np.zeros((100, 3), dtype=int))
+    with pytest.raises(M.GlbTooLarge):
+        M.write_glb(tmp_path / "big.glb", [m])
+    assert not (tmp_path / "big.glb").exists()
+
+
+def test_write_outputs_skips_combined_scenes_past_4_gib(tmp_path, monkeypatch):
+    """A combined scene past the GLB limit is skipped with a warning; part files remain."""
+    import turbopart.mesh as M
+    from turbopart.examples import example_boxes, example_mesh
+    from turbopart.xpart.commands import Output, write_outputs
+    from turbopart.xpart.pipeline import GenerationResult, PartResult
+    boxes = example_boxes()[:2]
+    box_mesh = trimesh.creation.box()
+    parts = [PartResult(i, i, boxes[i], box_mesh.copy(), color=np.array([9, 9, 9, 255]))
+             for i in range(2)]
+    one = len(M.write_glb(tmp_path / "one.glb", [M.GlbMesh.of("part_000", box_mesh.vertices,
+                                                             box_mesh.faces)]).read_bytes())
+    monkeypatch.setattr(M, "GLB_MAX_BYTES", one + 50)
+    out = Output(tmp_path / "o")
+    write_outputs(out, GenerationResult(parts, np.zeros(3), 1.0), example_mesh(), boxes,
+                  {"parts": []})
+    dest = out.commit()
+    assert (dest / "parts" / "part_000.glb").is_file() and (dest / "parts" / "part_001.glb").is_file()
+    assert not (dest / "parts.glb").exists() and not (dest / "exploded.glb").exists()
+    ex = trimesh.load_scene(str(dest / "parts" / "part_001.glb"))
+    assert len(ex.geometry["part_001"].faces) == 12

@@ -89,6 +89,25 @@ def test_run_without_mesh_uses_the_example(tiny_dir, tmp_path, capsys):
     assert info["source"] == "example:chair"
 
 
+def test_run_with_benchmark_boxes(tiny_dir, tmp_path, capsys):
+    """--bench-boxes (hidden, for the whole-job benchmark): P3-SAM runs and is timed, X-Part
+    generates the given boxes."""
+    from turbopart.examples import example_boxes
+    boxes = tmp_path / "grid.json"
+    boxes.write_text(json.dumps({"boxes": example_boxes()[[0, 1, 2]].tolist()}))
+    out = tmp_path / "bench"
+    code, _, err = _run(["run", "-o", out, "--weights", tiny_dir, "--steps", 1,
+                         "--octree-resolution", 16, "--points", 2000, "--prompts", 8,
+                         "--bench-boxes", boxes, "--device", "cpu", "-q"], capsys)
+    assert code == 0, err
+    info = _check_outputs(out)
+    assert [p["box_index"] for p in info["parts"]] == [0, 1, 2]
+    assert np.allclose([p["box"] for p in info["parts"]], example_boxes()[[0, 1, 2]])
+    assert info["timings_s"]["segmentation"] > 0 and "load_wait" in info["timings_s"]
+    assert "--bench-boxes" not in cli.build_parser()._subparsers._group_actions[0].choices[
+        "run"].format_help()
+
+
 def test_generate_with_boxes_json_and_example(tiny_dir, tmp_path, capsys):
     from turbopart.examples import example_boxes, write_example
     mesh = tmp_path / "chair.glb"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """\
@@ -148,6 +149,30 @@ def _early_prefetch(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command-line process itself (not an in-process call)
         _early_prefetch(sys.argv[1:])
+        _exit_now(_main(None))
+    return _main(argv)
+
+
+def _exit_now(code: int) -> None:
+    """End the command-line process once its work is done and its files are closed: run
+    the ``atexit`` handlers, flush, and skip the interpreter's teardown (freeing every
+    module, tensor and the CUDA context one object at a time adds about a second after a
+    model run).  ``TURBOPART_FAST_EXIT=0`` keeps the normal exit."""
+    if os.environ.get("TURBOPART_FAST_EXIT", "1") == "0":
+        sys.exit(code)
+    import atexit
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe must not change the status
+                pass
+        os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

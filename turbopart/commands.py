@@ -213,7 +213,7 @@ def write_segmentation(dest: Path, result, *, source: Path | None = None, mesh_i
     import numpy as np
 
     from . import __version__
-    from .mesh import mesh_info, part_colors, parts_scene
+    from .mesh import export_parts_glb, mesh_info, part_colors
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -224,8 +224,7 @@ def write_segmentation(dest: Path, result, *, source: Path | None = None, mesh_i
     try:
         n = result.num_parts
         colors = part_colors(n)
-        scene = parts_scene(result.mesh, result.face_labels, colors)
-        (tmp / "segmented.glb").write_bytes(scene.export(file_type="glb"))
+        export_parts_glb(tmp / "segmented.glb", result.mesh, result.face_labels, colors)
         np.save(tmp / "face_ids.npy", result.face_labels.astype(np.int64))
         parts = []
         for k in range(n):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import colorsys
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -405,45 +405,114 @@ def split_by_label(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray
     return out
 
 
-def parts_scene(mesh: trimesh.Trimesh, face_labels: np.ndarray,
-                colors: np.ndarray | None = None, name_format: str = "part_{:03d}",
-                unlabeled_name: str = "unlabeled") -> trimesh.Scene:
-    """A scene with one named node (and a same-named coloured material) per part.
+def export_parts_glb(path: str | os.PathLike, mesh: trimesh.Trimesh, face_labels,
+                     colors: np.ndarray | None = None, name_format: str = "part_{:03d}",
+                     unlabeled_name: str = "unlabeled") -> Path:
+    """Write a binary glTF scene with one named node (and a same-named coloured material) per
+    part; returns the path.
 
     Part ``k`` (label ``k`` >= 0) becomes node/mesh/material ``name_format.format(k)``;
     faces with a negative label go to one grey ``unlabeled`` node (last).  The colour is the
     material's base colour, which Blender and web viewers show directly.
     """
-    from trimesh.visual.material import PBRMaterial
-    from trimesh.visual.texture import TextureVisuals
-
     labels = np.asarray(face_labels).astype(np.int64)
     n_parts = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
     if colors is None:
         colors = part_colors(n_parts)
-    scene = trimesh.Scene()
-    v = np.asarray(mesh.vertices)
-    f = np.asarray(mesh.faces)
     lab = np.where(labels < 0, -1, labels)
-    groups = split_by_label(v, f, lab)
+    groups = split_by_label(np.asarray(mesh.vertices), np.asarray(mesh.faces), lab)
     groups = [g for g in groups if g[0] >= 0] + [g for g in groups if g[0] < 0]
-    for label, pv, pf in groups:
-        name = unlabeled_name if label < 0 else name_format.format(label)
-        rgba = UNLABELED_COLOR if label < 0 else colors[label]
-        part = trimesh.Trimesh(vertices=pv, faces=pf, process=False)
-        mat = PBRMaterial(name=name, baseColorFactor=[int(c) for c in rgba],
-                          metallicFactor=0.0, roughnessFactor=0.8, doubleSided=True)
-        part.visual = TextureVisuals(material=mat)
-        scene.add_geometry(part, node_name=name, geom_name=name)
-    return scene
+    return write_glb(path, [GlbMesh.of(unlabeled_name if label < 0 else name_format.format(label),
+                                       pv, pf, UNLABELED_COLOR if label < 0 else colors[label])
+                            for label, pv, pf in groups])
 
 
-def export_parts_glb(path: str | os.PathLike, mesh: trimesh.Trimesh, face_labels,
-                     colors: np.ndarray | None = None) -> Path:
-    """Write :func:`parts_scene` as a binary glTF file; returns the path."""
+# --------------------------------------------------------------------------- GLB writer
+
+#: GLB stores its total length in 32 bits.
+GLB_MAX_BYTES = (1 << 32) - 1
+
+
+class GlbTooLarge(ValueError):
+    """The scene does not fit in one GLB file (4 GiB)."""
+
+
+class GlbMesh(NamedTuple):
+    """One node of a GLB scene: a coloured triangle mesh, optionally translated."""
+
+    name: str
+    vertices: np.ndarray            # [V, 3] float32, C-contiguous
+    faces: np.ndarray               # [F, 3] uint32, C-contiguous
+    rgba: tuple[int, int, int, int]
+    bounds: tuple[list[float], list[float]]
+    translation: tuple[float, float, float] | None = None
+
+    @classmethod
+    def of(cls, name: str, vertices, faces, rgba=(200, 200, 200, 255),
+           translation=None) -> "GlbMesh":
+        v = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+        f = np.ascontiguousarray(faces, dtype=np.uint32).reshape(-1, 3)
+        lo, hi = (v.min(0).tolist(), v.max(0).tolist()) if len(v) else ([0.0] * 3, [0.0] * 3)
+        t = None if translation is None else tuple(float(x) for x in translation)
+        return cls(name, v, f, tuple(int(c) for c in rgba), (lo, hi), t)
+
+    def moved(self, translation) -> "GlbMesh":
+        """The same arrays under a node translation."""
+        return self._replace(translation=tuple(float(x) for x in translation))
+
+
+def write_glb(path: str | os.PathLike, meshes: Sequence[GlbMesh]) -> Path:
+    """Write ``meshes`` as a binary glTF 2.0 scene (one named node, mesh and PBR material
+    each; positions and uint32 indices).  The arrays go to the file straight from memory,
+    without being joined into one buffer first (parts of tens of millions of faces).
+    Raises :class:`GlbTooLarge` (nothing written) past the format's 4 GiB."""
+    import json
+    import struct
+
+    views, accessors, gl_meshes, materials, nodes = [], [], [], [], []
+    blobs: list[np.ndarray] = []
+    offset = 0
+    for i, m in enumerate(meshes):
+        for arr, target in ((m.vertices, 34962), (m.faces, 34963)):
+            views.append({"buffer": 0, "byteOffset": offset, "byteLength": arr.nbytes,
+                          "target": target})
+            blobs.append(arr)
+            offset += arr.nbytes  # float32 / uint32: always 4-byte aligned
+        accessors.append({"bufferView": 2 * i, "componentType": 5126, "count": len(m.vertices),
+                          "type": "VEC3", "min": m.bounds[0], "max": m.bounds[1]})
+        accessors.append({"bufferView": 2 * i + 1, "componentType": 5125,
+                          "count": int(m.faces.size), "type": "SCALAR"})
+        materials.append({"name": m.name, "doubleSided": True,
+                          "pbrMetallicRoughness": {
+                              "baseColorFactor": [c / 255.0 for c in m.rgba],
+                              "metallicFactor": 0.0, "roughnessFactor": 0.8}})
+        gl_meshes.append({"name": m.name, "primitives": [{
+            "attributes": {"POSITION": 2 * i}, "indices": 2 * i + 1, "material": i,
+            "mode": 4}]})
+        node = {"name": m.name, "mesh": i}
+        if m.translation is not None:
+            node["translation"] = list(m.translation)
+        nodes.append(node)
+    doc = {"asset": {"version": "2.0", "generator": "turbopart"}, "scene": 0,
+           "scenes": [{"nodes": list(range(len(nodes)))}], "nodes": nodes}
+    if meshes:
+        doc.update(meshes=gl_meshes, materials=materials, accessors=accessors,
+                   bufferViews=views, buffers=[{"byteLength": offset}])
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 4)
+    total = 12 + 8 + len(head) + (8 + offset if offset else 0)
+    if total > GLB_MAX_BYTES:
+        raise GlbTooLarge(f"{path}: {total / 2**30:.1f} GiB does not fit in one GLB file "
+                          "(4 GiB at most)")
     path = Path(path)
-    data = parts_scene(mesh, face_labels, colors).export(file_type="glb")
-    path.write_bytes(data)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<4sII", b"glTF", 2, total))
+        f.write(struct.pack("<I4s", len(head), b"JSON"))
+        f.write(head)
+        if offset:
+            f.write(struct.pack("<I4s", offset, b"BIN\0"))
+            for arr in blobs:
+                f.write(memoryview(arr).cast("B"))
     return path
 
 

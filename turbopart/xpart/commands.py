@@ -130,6 +130,9 @@ def register(subparsers) -> None:
                    help="segmentation: surface points (official 100000)")
     r.add_argument("--prompts", type=int, default=400, metavar="N",
                    help="segmentation: point prompts (official 400)")
+    r.add_argument("--bench-boxes", default=None, metavar="BOXES", help=argparse.SUPPRESS)
+    # benchmarks: X-Part on these boxes instead of P3-SAM's (the official whole-job figure
+    # runs P3-SAM, then X-Part on a fixed box grid); the segmentation still runs and is timed
     r.set_defaults(func=cmd_run)
 
     b = subparsers.add_parser("bench", help="benchmark the whole pipeline on the GPU",
@@ -290,27 +293,47 @@ class Output:
 
 
 def write_outputs(out: Output, result, mesh, boxes: np.ndarray, info: dict[str, Any]) -> None:
-    """parts.glb, parts/part_XXX.glb, exploded.glb, boxes.glb, parts.json (the GLB files are
-    serialised in parallel threads: NumPy releases the GIL on the big arrays)."""
+    """parts.glb, parts/part_XXX.glb, exploded.glb, boxes.glb, parts.json.
+
+    Each part's float32 / uint32 arrays are made once and written into all three of its GLB
+    files (:func:`turbopart.mesh.write_glb`), the files in parallel threads (the writes
+    release the GIL).  A combined scene past the GLB format's 4 GiB is skipped with a
+    warning; the part files are still written."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .pipeline import boxes_scene, parts_scene
+    from ..mesh import GlbTooLarge, write_glb
+    from .pipeline import boxes_scene, explode_offsets, glb_part
+    ok = [p for p in result.parts if p.ok]
     colors = [p.color for p in result.parts] if len(result.parts) == len(boxes) else None
-    jobs = {"boxes.glb": lambda: boxes_scene(mesh, boxes, colors)}
-    if any(p.ok for p in result.parts):  # a scene without geometry cannot be a GLB
-        jobs.update({"parts.glb": result.scene, "exploded.glb": result.exploded})
-    else:
-        log.warning("no part produced a surface: parts.glb and exploded.glb not written")
-    for p in result.parts:
-        if p.ok:
-            jobs[f"parts/{p.name}.glb"] = (lambda p=p: parts_scene([p]))
 
-    def export(item):
-        name, make = item
-        return name, make().export(file_type="glb")
-    with ThreadPoolExecutor(min(8, len(jobs))) as pool:
-        for name, data in pool.map(export, jobs.items()):
-            out.path(name).write_bytes(data)
+    def write_boxes():
+        out.path("boxes.glb").write_bytes(boxes_scene(mesh, boxes, colors).export(file_type="glb"))
+
+    with ThreadPoolExecutor(8) as pool:
+        fboxes = pool.submit(write_boxes)
+        glb = list(pool.map(glb_part, ok))
+        offsets = explode_offsets(ok)
+        jobs = {f"parts/{m.name}.glb": [m] for m in glb}
+        if glb:  # a scene without geometry cannot be a GLB
+            jobs["parts.glb"] = glb
+            jobs["exploded.glb"] = [m.moved(offsets[m.name]) if m.name in offsets else m
+                                    for m in glb]
+        else:
+            log.warning("no part produced a surface: parts.glb and exploded.glb not written")
+
+        def write(item):
+            name, meshes = item
+            try:
+                write_glb(out.path(name), meshes)
+            except GlbTooLarge as exc:
+                if name.startswith("parts/"):
+                    raise
+                out.path(name).unlink(missing_ok=True)
+                log.warning("%s not written: %s (the part files are)", name, exc)
+        for _ in pool.map(write, sorted(jobs.items(), key=lambda kv: -sum(
+                m.faces.size for m in kv[1]))):
+            pass
+        fboxes.result()
     with open(out.path("parts.json"), "w") as f:
         json.dump(info, f, indent=2)
 
@@ -379,16 +402,32 @@ def _load_pipeline(args, device, weights: Path):
     return XPartPipeline.from_pretrained(weights, device=device, numerics=args.numerics)
 
 
+def _config_value(weights: Path, component: str, keys: tuple[str, ...], default: int) -> int:
+    """An integer of ``component``'s config.json under ``params`` / nested ``keys`` (the
+    default when the file or the key is missing: the loader reports bad folders)."""
+    from .. import weights as W
+    try:
+        node = W.read_config(W.locate(weights, component), component)
+        node = node.get("params", node)
+        for k in keys:
+            node = node[k]
+        return int(node)
+    except Exception:
+        return default
+
+
 def surface_points_of(weights: Path) -> int:
     """The conditioner encoders' pc_size from its config.json (81 920 for the release)."""
-    from .. import weights as W
     from .preprocess import SURFACE_POINTS
-    try:
-        cfg = W.read_config(W.locate(weights, "conditioner"), "conditioner")
-        geo = cfg.get("params", cfg)["geo_cfg"]["params"]["local_geo_cfg"]["params"]
-        return int(geo.get("pc_size", SURFACE_POINTS))
-    except Exception:
-        return SURFACE_POINTS
+    return _config_value(weights, "conditioner", ("geo_cfg", "params", "local_geo_cfg",
+                                                  "params", "pc_size"), SURFACE_POINTS)
+
+
+def max_parts_of(weights: Path) -> int:
+    """Rows of the DiT's part embedding (``valid_num``, 50 for the release): the most parts
+    X-Part generates at once."""
+    from .pipeline import MAX_PARTS
+    return _config_value(weights, "model", ("valid_num",), MAX_PARTS)
 
 
 def _own_copy(mesh):
@@ -460,44 +499,51 @@ def cmd_run(args) -> int:
         mesh, source = example_mesh("chair"), "example:chair"
     else:
         mesh, source = load_mesh(args.mesh), str(args.mesh)
+    fixed = read_boxes(args.bench_boxes) if getattr(args, "bench_boxes", None) else None
     device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh or "example"))
+    pool = ThreadPoolExecutor(2)
     try:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         weights = resolve_weights(args.weights, progress=not args.quiet)
         from ..p3sam.segmenter import Segmenter
         from .pipeline import XPartPipeline
-        with ThreadPoolExecutor(2) as pool:  # both models load at once, onto the device
-            fs = pool.submit(Segmenter.from_pretrained, weights, device=device,
-                             numerics=args.numerics)
-            fx = pool.submit(XPartPipeline.from_pretrained, weights, device=device,
-                             numerics=args.numerics)
-            seg_model, pipe = fs.result(), fx.result()
+        from .preprocess import object_inputs
+        # X-Part (8 GB) streams in while the small P3-SAM loads and segments; X-Part's
+        # object surface is sampled at the same time
+        fx = pool.submit(XPartPipeline.from_pretrained, weights, device=device,
+                         numerics=args.numerics)
+        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
+        seg_model = Segmenter.from_pretrained(weights, device=device, numerics=args.numerics)
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        max_parts = min(args.max_parts or pipe.max_parts, pipe.max_parts)
+        limit = max_parts_of(weights)
+        max_parts = min(args.max_parts or limit, limit)
         kw = {}
         params = inspect.signature(seg_model.segment).parameters
         if "normalize" in params:
             kw["normalize"] = True  # official X-Part: P3-SAM runs on the normalised mesh
-        with ThreadPoolExecutor(1) as pool:  # X-Part's object surface while P3-SAM runs
-            fobj = pool.submit(pipe.object_inputs, _own_copy(mesh), args.seed)
-            seg = seg_model.segment(mesh, points=args.points, prompts=args.prompts,
-                                    max_parts=max_parts, seed=args.seed, variant="xpart",
-                                    progress=not args.quiet, **kw)
-            timings["segmentation"] = time.perf_counter() - t0
-            obj = fobj.result()
-        if seg.num_parts == 0:
+        seg = seg_model.segment(mesh, points=args.points, prompts=args.prompts,
+                                max_parts=max_parts, seed=args.seed, variant="xpart",
+                                progress=not args.quiet, **kw)
+        timings["segmentation"] = time.perf_counter() - t0
+        if seg.num_parts == 0 and fixed is None:
             raise UserError("segmentation found no parts")
-        # P3-SAM's boxes (input frame, float64) are min/max of the cleaned mesh's vertices;
-        # X-Part normalises them in float64 and samples the parts from that cleaned mesh,
-        # as the official pipeline does when P3-SAM runs inside it.
-        result = pipe(mesh, seg.boxes, steps=settings["steps"],
+        t0 = time.perf_counter()
+        pipe, obj = fx.result(), fobj.result()
+        timings["load_wait"] = time.perf_counter() - t0  # X-Part still loading after P3-SAM
+        if fixed is not None:  # benchmarks: the official whole-job figure's fixed boxes
+            boxes, kw = limit_boxes(fixed, args.max_parts), {}
+        else:
+            # P3-SAM's boxes (input frame, float64) are min/max of the cleaned mesh's
+            # vertices; X-Part normalises them in float64 and samples the parts from that
+            # cleaned mesh, as the official pipeline does when P3-SAM runs inside it.
+            boxes, kw = seg.boxes, {"official_float32_boxes": False, "part_mesh": seg.mesh}
+        result = pipe(mesh, boxes, steps=settings["steps"],
                       octree_resolution=settings["octree_resolution"], seed=args.seed,
-                      official_float32_boxes=False, part_mesh=seg.mesh,
-                      progress=not args.quiet, obj=obj)
+                      progress=not args.quiet, obj=obj, **kw)
         timings.update(result.timings)
         seg_info = {"parts": seg.num_parts, "timings_s": seg.timings,
                     "unlabeled_faces": seg.unlabeled_faces,
@@ -505,11 +551,13 @@ def cmd_run(args) -> int:
         info = _report(result, command="run", source=source, mesh=mesh, settings=settings,
                        timings=timings, memory=_peak_gpu(device),
                        extra={"segmentation": seg_info, "load_s": pipe.load_timings})
-        return _finish(args, out, result, mesh, seg.boxes[result_valid(result, seg.boxes)],
-                       info, timings)
+        return _finish(args, out, result, mesh, boxes[result_valid(result, boxes)], info,
+                       timings)
     except BaseException:
         out.discard()
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _bench_script() -> Path:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..mesh import GlbMesh
 from ..runtime import memory
 from ..runtime.precision import Numerics
 from ..runtime.profiling import Profile
@@ -182,6 +183,13 @@ def explode(parts: Sequence[PartResult], distance: float = 0.2) -> trimesh.Scene
         tf[:3, 3] = off
         tfs[name] = tf
     return parts_scene(parts, tfs or None)
+
+
+def glb_part(part: PartResult) -> GlbMesh:
+    """The part as a node of a GLB file (:func:`turbopart.mesh.write_glb`): float32
+    vertices, uint32 faces, its colour as the material's base colour."""
+    rgba = part.color if part.color is not None else (200, 200, 200, 255)
+    return GlbMesh.of(part.name, part.mesh.vertices, part.mesh.faces, rgba)
 
 
 def explode_offsets(parts: Sequence[PartResult], distance: float = 0.2
