@@ -166,7 +166,10 @@ def main() -> int:
     dest.write_text(json.dumps(report, indent=1))
     print(f"{'process':34} {'seconds':>9}  stages (s)")
     for k, r in res.items():
-        st = r.get("profile", {}).get("timings_s", {})
+        prof = r.get("profile", {})
+        st = dict(prof.get("timings_s", {}))
+        if prof.get("process_age_at_end_s") is not None:  # files closed → process gone
+            st["exit"] = r["wall_s"] - prof["process_age_at_end_s"]
         print(f"{k:34} {r['wall_s']:9.2f}  " + " ".join(f"{s}={v:.2f}" for s, v in st.items()))
     if a.init == "plain":
         print(f"{'official (measured parts)':34} {off:9.2f}   {off / ours:.2f}x vs run")

@@ -71,6 +71,20 @@ class Profile:
             json.dump(self.as_dict(), f, indent=2)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): the part of a
+    command's wall clock spent before its own timers (interpreter start, imports)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        import os
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def git_commit() -> str | None:
     """The source commit: ``$TURBOPART_COMMIT`` (set when the tree travels without .git),
     else ``git rev-parse HEAD`` of the checkout (+dirty), else None."""
