@@ -238,6 +238,19 @@ def test_prefetch_helper_reads_the_planned_bytes(tmp_path, monkeypatch):
     planned = sum(e - b for _, rng in P.weight_ranges(d, comps) for b, e in rng)
     assert stats["planned_bytes"]["weights"] == planned == stats["weights"]["bytes"] > 0
     assert stats["planned_bytes"]["libs"] == 0
+    # libs: the recorded profile only, the weights are left to the process
+    prof = tmp_path / "profile.json"
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"z" * 20000)
+    prof.write_text(json.dumps({"version": 1, "ready": True, "files": {str(lib): {
+        "key": P._file_key(str(lib)), "ranges": [[0, 8192]], "later": [[8192, 20000]],
+        "order": 0, "kind": "lib"}}}))
+    monkeypatch.setenv("TURBOPART_STARTUP_PROFILE", str(prof))
+    monkeypatch.setenv("TURBOPART_PREFETCH", "libs")
+    h = P.start(d, comps, record=False)
+    assert h is not None and h.wait(60) == 0
+    stats = json.loads(log.read_text())
+    assert stats["planned_bytes"] == {"weights": 0, "libs": 8192, "later": 20000 - 8192}
     monkeypatch.setenv("TURBOPART_PREFETCH", "0")
     assert P.start(d, comps) is None
 

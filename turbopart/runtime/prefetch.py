@@ -23,8 +23,8 @@ correctness.  The helper exits when done and is killed when its parent exits.
 
 Switches (environment):
 
-* ``TURBOPART_PREFETCH``: ``1`` / ``all`` (default): weights and profile; ``weights``: the
-  weights only; ``0``: off.
+* ``TURBOPART_PREFETCH``: ``1`` / ``all``: weights and profile; ``weights``: the weights
+  only; ``libs``: the profile only; ``0`` (default): off.
 * ``TURBOPART_PREFETCH_THREADS``: reader threads per lane (default 4).
 * ``TURBOPART_PREFETCH_LOG``: a file the helper writes its timings to (JSON), for benchmarks.
 * ``TURBOPART_STARTUP_PROFILE``: the profile file (default
@@ -486,8 +486,8 @@ _ACTIVE: list[Prefetcher] = []
 def mode() -> str:
     m = os.environ.get("TURBOPART_PREFETCH", "0").strip().lower()  # measured: no gain (H100 VM)
     return {"": "all", "1": "all", "all": "all", "on": "all", "true": "all",
-            "weights": "weights", "0": "off", "off": "off", "false": "off", "no": "off"}.get(
-        m, "all")
+            "weights": "weights", "libs": "libs", "0": "off", "off": "off", "false": "off",
+            "no": "off"}.get(m, "all")
 
 
 def start(weights: str | os.PathLike | None = None, components=(), *,
@@ -499,7 +499,9 @@ def start(weights: str | os.PathLike | None = None, components=(), *,
     m = mode()
     if m == "off":
         return None
-    prof = profile_path() if m == "all" else None
+    prof = profile_path() if m in ("all", "libs") else None
+    if m == "libs":  # the process reads the weights itself, alone on the disk
+        weights = None
     if record and profile_path() is not None and sys.platform.startswith("linux"):
         _arm_recorder()
     plan = {"weights": str(weights) if weights else None,
