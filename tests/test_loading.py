@@ -236,7 +236,10 @@ def test_prefetch_helper_reads_the_planned_bytes(tmp_path, monkeypatch):
     assert h.wait(60) == 0
     stats = json.loads(log.read_text())
     planned = sum(e - b for _, rng in P.weight_ranges(d, comps) for b, e in rng)
-    assert stats["planned_bytes"]["weights"] == planned == stats["weights"]["bytes"] > 0
+    assert stats["planned_bytes"]["weights"] == planned > 0
+    assert stats["weights_first"]["bytes"] + stats["weights"]["bytes"] == planned
+    first = P.weight_ranges(d, comps[:1])[0][1]
+    assert stats["weights_first"]["bytes"] == sum(e - b for b, e in first) > 0
     assert stats["planned_bytes"]["libs"] == 0
     # libs: the recorded profile only, the weights are left to the process
     prof = tmp_path / "profile.json"

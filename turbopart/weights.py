@@ -290,8 +290,10 @@ class CheckpointFile:
         dev = "cpu" if device.type == "cpu" else str(device)
 
         def read(chunk: list[str]) -> dict[str, torch.Tensor]:
+            from .runtime.loading import load_stream
             out = {}
-            with safe_open(str(self.path), framework="pt", device=dev) as f:
+            with load_stream(device), safe_open(str(self.path), framework="pt",
+                                                device=dev) as f:
                 for k in chunk:
                     out[k] = finish(k, f.get_tensor(self._names[k]))
             return out
@@ -377,6 +379,14 @@ def load_component(path: str | os.PathLike, component: str, *,
     The whole file is validated against the official layout (every key, every shape);
     only the tensors the inference module holds are read.
     """
+    from .runtime.loading import load_stream
+    with load_stream(device):
+        return _load_component(path, component, device, numerics, skip_unused, dtypes,
+                               workers)
+
+
+def _load_component(path, component, device, numerics, skip_unused, dtypes, workers
+                    ) -> nn.Module:
     spec = _spec(component)
     folder = locate(path, component)
     config = read_config(folder, component)

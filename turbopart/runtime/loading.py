@@ -25,6 +25,7 @@ threads per file, ``TURBOPART_LOADER_BUFFERS`` the number of 16 MiB staging buff
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -48,6 +49,21 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
                      ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+@contextlib.contextmanager
+def load_stream(device: torch.device | str):
+    """Issue this thread's copies and casts on a CUDA stream of its own, and wait for them
+    before leaving: work on the default stream meanwhile (P3-SAM segmenting while X-Part
+    loads) does not queue behind gigabytes of host-to-device copies.  CPU: nothing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def loader_mode(device: torch.device | str = "cuda") -> str:
@@ -271,10 +287,14 @@ class SafetensorsReader:
         return self
 
     def _work(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        with load_stream(self.device):
+            self._work_on_stream()
+
+    def _work_on_stream(self) -> None:
         fd = None
         try:
-            if self.cuda:
-                torch.cuda.set_device(self.device)
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -5,17 +5,19 @@ A cold start reads two things from disk: the shared libraries and module files o
 the checkpoint tensors (about 8.4 GB for P3-SAM + X-Part).  Both are serial when the process
 does them itself: first the imports, then the weights.  :func:`start` launches a small
 helper process (this file run as a script, standard library only, so it is up in a few ms)
-that reads, with large sequential reads in a few threads,
+that reads, with large reads in a few threads, one lane after the other in the order the
+process needs them:
 
 * lane ``libs``: the pages of the libraries and the ``.pyc`` files previous turbopart
-  processes touched before their models were ready (a *start-up profile*, recorded by a
+  processes touched before their first model was ready (a *start-up profile*, recorded by a
   process that called :func:`start`: a snapshot of ``/proc/self/pagemap`` and
-  ``sys.modules`` at :func:`mark_ready` and one at exit; union over runs, entries of changed
-  files dropped);
-* lane ``weights`` (at the same time): the byte ranges of the tensors the inference modules
-  load, from the safetensors headers (keys inference never reads are skipped,
-  :data:`UNUSED`), each component's file in offset order;
-* then the profile's pages touched after the models were ready (first-call libraries).
+  ``sys.modules`` at the first :func:`mark_ready` and one at exit; union over runs, entries
+  of changed files dropped);
+* lane ``weights_first``: the byte ranges of the first component's tensors (the one the
+  command loads first), from the safetensors header (keys inference never reads are
+  skipped, :data:`UNUSED`), in offset order;
+* lane ``later``: the profile's pages touched after that (first-call libraries);
+* lane ``weights``: the other components' tensors.
 
 The helper only warms the page cache: the process reads everything it needs itself, so a
 wrong or missing profile, an unreadable file or a killed helper costs speed, never
@@ -626,10 +628,9 @@ def _helper(plan: dict) -> None:
         return
     stats: dict = {"t0": float(plan["t0"]), "helper_start_s": time.time() - float(plan["t0"])}
     threads = max(1, int(plan.get("threads", 4)))
-    weights = []
-    if plan.get("weights"):
-        for path, rng in weight_ranges(plan["weights"], plan.get("components", ())):
-            weights += _chunks(path, rng)
+    weights = [_chunks(path, rng) for path, rng in
+               weight_ranges(plan["weights"], plan.get("components", ()))] \
+        if plan.get("weights") else []
     startup, later = [], []
     if plan.get("profile"):
         prof = load_profile(Path(plan["profile"]))
@@ -637,17 +638,16 @@ def _helper(plan: dict) -> None:
                                                               kv[1].get("order", 0))):
             startup.extend(_chunks(path, ent.get("ranges", [])))
             later.extend(_chunks(path, ent.get("later", [])))
-    stats["planned_bytes"] = {"weights": sum(e - b for _, b, e in weights),
+    stats["planned_bytes"] = {"weights": sum(e - b for w in weights for _, b, e in w),
                               "libs": sum(e - b for _, b, e in startup),
                               "later": sum(e - b for _, b, e in later)}
-
-    def libs():
-        _read_lane(startup, threads, parent, stats, "libs", sequential=False)
-    lt = threading.Thread(target=libs, daemon=True)
-    lt.start()
-    _read_lane(weights, max(1, threads // 2), parent, stats, "weights")
-    lt.join()
+    # In the order the process needs them, one lane at a time (lanes that ran at once
+    # slowed the imports more than they gained): the imports' pages, the first component's
+    # weights (the one loaded first), the pages of the first calls, the other weights.
+    _read_lane(startup, threads, parent, stats, "libs", sequential=False)
+    _read_lane(weights[0] if weights else [], threads, parent, stats, "weights_first")
     _read_lane(later, threads, parent, stats, "later", sequential=False)
+    _read_lane([c for w in weights[1:] for c in w], threads, parent, stats, "weights")
     log = plan.get("log")
     if log:
         stats.pop("t0", None)

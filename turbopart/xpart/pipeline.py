@@ -276,7 +276,7 @@ class XPartPipeline:
         not pay the first use of the GPU libraries and kernels (≈2.5 s of the conditioner's
         2.8 s in a fresh process).  Off by default until a GPU A/B shows it wins: it may
         also slow the concurrent load."""
-        from ..runtime.loading import load_components
+        from ..runtime.loading import load_components, load_stream
         from ..weights import resolve
         path = resolve(weights)
         device = torch.device(device) if device is not None else default_device()
@@ -294,9 +294,10 @@ class XPartPipeline:
         comps = load_components(path, ("model", "shapevae", "conditioner", "scheduler"),
                                 device=device, numerics=numerics, parallel=parallel,
                                 timings=timings, on_loaded=on_loaded if warm_up else None)
+        with load_stream(device):  # the weight fusions of prepare(), off the default stream
+            pipe = cls(comps["model"], comps["shapevae"], comps["conditioner"],
+                       comps["scheduler"], device=device, numerics=numerics)
         timings["total"] = time.perf_counter() - t0
-        pipe = cls(comps["model"], comps["shapevae"], comps["conditioner"],
-                   comps["scheduler"], device=device, numerics=numerics)
         pipe.load_timings = timings
         return pipe
 
