@@ -385,3 +385,17 @@ def test_p3sam_tiles_fixed_by_default(monkeypatch):
     for (max_mode, _, d, _), c in h100.items():
         assert d % c.bk == 0 and (d % c.bn3 == 0 if max_mode else d % c.bn == 0)
     assert pr.fixed_config(False, 3, 512, False, "cpu", torch.bfloat16) is None
+
+
+def test_profile_lists_sources_of_modules_without_bytecode(tmp_path, monkeypatch):
+    """Without .pyc files (PYTHONDONTWRITEBYTECODE) the import reads the source: listed."""
+    import importlib
+    (tmp_path / "tp_no_pyc_mod.py").write_text("X = 1\n")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("tp_no_pyc_mod")
+    try:
+        assert not os.path.exists(mod.__cached__)
+        assert mod.__file__ in P._module_files()
+    finally:
+        sys.modules.pop("tp_no_pyc_mod", None)

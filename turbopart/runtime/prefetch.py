@@ -325,12 +325,15 @@ def _mapped_pages() -> dict[str, tuple[list[list[int]], int]]:
 
 
 def _module_files() -> list[str]:
-    """The files Python read for the imported modules (``.pyc`` where one is used)."""
+    """The files Python read for the imported modules: the ``.pyc`` where one exists, else
+    the source (an install without byte-code, or ``PYTHONDONTWRITEBYTECODE``, compiles every
+    source at every start)."""
     seen = []
     for mod in list(sys.modules.values()):
-        f = getattr(mod, "__cached__", None) or getattr(mod, "__file__", None)
-        if isinstance(f, str) and os.path.isfile(f) and not f.endswith((".so", ".pyd")):
-            seen.append(f)
+        for f in (getattr(mod, "__cached__", None), getattr(mod, "__file__", None)):
+            if isinstance(f, str) and not f.endswith((".so", ".pyd")) and os.path.isfile(f):
+                seen.append(f)
+                break
     return list(dict.fromkeys(seen))
 
 
