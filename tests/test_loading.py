@@ -303,6 +303,16 @@ def test_range_helpers():
     assert P.subtract_ranges([[0, 10]], [[2, 3], [4, 5]]) == [[0, 2], [3, 4], [5, 10]]
 
 
+def test_read_ahead_modes():
+    assert P.mode() == "all"  # unset: the default
+    for value, want in (("0", "off"), ("libs", "libs"), ("weights", "weights"), ("1", "all")):
+        os.environ["TURBOPART_PREFETCH"] = value
+        try:
+            assert P.mode() == want
+        finally:
+            del os.environ["TURBOPART_PREFETCH"]
+
+
 def test_cli_hook_starts_the_read_ahead_for_model_commands(tmp_path, monkeypatch):
     from turbopart import cli
     calls = []

@@ -25,8 +25,8 @@ correctness.  The helper exits when done and is killed when its parent exits.
 
 Switches (environment):
 
-* ``TURBOPART_PREFETCH``: ``1`` / ``all``: weights and profile; ``weights``: the weights
-  only; ``libs``: the profile only; ``0`` (default): off.
+* ``TURBOPART_PREFETCH``: ``1`` / ``all`` (default): weights and profile; ``weights``: the
+  weights only; ``libs``: the profile only; ``0``: off.
 * ``TURBOPART_PREFETCH_THREADS``: reader threads per lane (default 4).
 * ``TURBOPART_PREFETCH_LOG``: a file the helper writes its timings to (JSON), for benchmarks.
 * ``TURBOPART_STARTUP_PROFILE``: the profile file (default
@@ -489,7 +489,9 @@ _ACTIVE: list[Prefetcher] = []
 
 
 def mode() -> str:
-    m = os.environ.get("TURBOPART_PREFETCH", "0").strip().lower()  # measured: no gain (H100 VM)
+    # default all: the whole job on the H100 VM took 18.9-20.3 s with it, 23.1-25.0 s
+    # without (benchmarks/results/whole_run_realistic_prefetch_ab.json)
+    m = os.environ.get("TURBOPART_PREFETCH", "all").strip().lower()
     return {"": "all", "1": "all", "all": "all", "on": "all", "true": "all",
             "weights": "weights", "libs": "libs", "0": "off", "off": "off", "false": "off",
             "no": "off"}.get(m, "all")
