@@ -287,14 +287,8 @@ def measure_startup(weights: Path, device: str, numerics: str) -> dict:
 
 
 def _export_seconds(result, mesh, boxes) -> tuple[float, str]:
-    """Seconds to write the command's output files (GLB + JSON) into a temporary folder;
-    above 20 M faces only parts.glb is serialised (in memory), to keep disk use sane."""
+    """Seconds to write the command's output files (GLB + JSON) into a temporary folder."""
     from turbopart.xpart import commands
-    faces = sum(len(p.mesh.faces) for p in result.parts if p.ok)
-    if faces > 20_000_000:
-        t0 = time.perf_counter()
-        result.scene().export(file_type="glb")
-        return time.perf_counter() - t0, "parts.glb bytes only"
     with tempfile.TemporaryDirectory() as d:
         out = commands.Output(Path(d) / "out")
         t0 = time.perf_counter()

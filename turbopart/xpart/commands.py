@@ -543,6 +543,7 @@ def cmd_run(args) -> int:
                                 max_parts=max_parts, seed=args.seed, variant="xpart",
                                 progress=not args.quiet, **kw)
         timings["segmentation"] = time.perf_counter() - t0
+        del seg_model  # P3-SAM's GPU memory goes back to X-Part's budget
         if seg.num_parts == 0 and fixed is None:
             raise UserError("segmentation found no parts")
         t0 = time.perf_counter()
