@@ -202,8 +202,10 @@ def cmd_segment(args) -> int:
 def _segmenter(args):
     from .cli import parse_device
     from .p3sam.segmenter import Segmenter
-    return Segmenter.from_pretrained(args.weights, device=parse_device(args.device),
-                                     numerics=args.numerics)
+    from .runtime import first_use
+    device = parse_device(args.device)
+    first_use.start(device)  # library first-use costs while the model loads
+    return Segmenter.from_pretrained(args.weights, device=device, numerics=args.numerics)
 
 
 def write_segmentation(dest: Path, result, *, source: Path | None = None, mesh_in=None

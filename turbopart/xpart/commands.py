@@ -464,6 +464,8 @@ def cmd_generate(args) -> int:
 
         from .preprocess import object_inputs
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
+        from ..runtime import first_use
+        first_use.start(device)  # library first-use costs while the models load
         t0 = time.perf_counter()
         weights = resolve_weights(args.weights, progress=not args.quiet)
         with ThreadPoolExecutor(1) as pool:  # object surface while the models load
@@ -513,6 +515,8 @@ def cmd_run(args) -> int:
     pool = ThreadPoolExecutor(2)
     try:
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
+        from ..runtime import first_use
+        first_use.start(device)  # library first-use costs while the models load
         t0 = time.perf_counter()
         weights = resolve_weights(args.weights, progress=not args.quiet)
         from ..p3sam.segmenter import Segmenter

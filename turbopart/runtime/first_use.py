@@ -1,0 +1,68 @@
+"""Pay a process's once-only first-use costs in the background while the models load.
+
+The first model call of a fresh process is seconds slower than the next one
+(``benchmarks/first_call_profile.py``: 1.9 s against 0.5 s for a segmentation with the page
+cache warm).  Part of that does not depend on the models and can run while the weights
+stream in, when the CPU and the GPU are mostly idle:
+
+* Triton's once-per-process key: a hash of its own sources and libraries (0.36 s), and the
+  import of its compiler modules;
+* the first use of cuBLAS and of the attention kernels (library and kernel loading), with
+  tiny products and one tiny attention in each 16-bit dtype, on a stream of its own.
+
+:func:`start` launches a daemon thread and returns at once; everything it does is a warm-up
+whose failure changes nothing (errors are swallowed).  ``TURBOPART_FIRST_USE=0`` switches
+it off.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+
+def enabled() -> bool:
+    return os.environ.get("TURBOPART_FIRST_USE", "1").strip() != "0"
+
+
+def _triton() -> None:
+    try:
+        from triton.runtime.cache import triton_key
+        triton_key()  # cached for the process: the first kernel launch skips it
+        import triton.compiler  # noqa: F401 - the modules the first launch imports
+    except Exception:  # noqa: BLE001 - any Triton layout: nothing to warm
+        pass
+
+
+def _cuda(device: torch.device) -> None:
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            a = torch.randn(256, 256, device=device, dtype=dt)
+            torch.nn.functional.linear(a, a, a[0])
+            a @ a
+            if dt is not torch.float32:
+                q = torch.randn(1, 2, 128, 64, device=device, dtype=dt)
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    stream.synchronize()
+
+
+def _work(device: torch.device) -> None:
+    try:
+        if device.type == "cuda":
+            _cuda(device)
+    except Exception:  # noqa: BLE001 - a warm-up never fails the command
+        pass
+    _triton()
+
+
+def start(device: torch.device | str) -> threading.Thread | None:
+    """Start the warm-up for ``device`` (CUDA only; None when off or on the CPU)."""
+    device = torch.device(device)
+    if not enabled() or device.type != "cuda":
+        return None
+    t = threading.Thread(target=_work, args=(device,), name="turbopart-first-use",
+                         daemon=True)
+    t.start()
+    return t
