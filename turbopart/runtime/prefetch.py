@@ -8,7 +8,8 @@ helper process (this file run as a script, standard library only, so it is up in
 that reads, with large reads in a few threads, one lane after the other in the order the
 process needs them:
 
-* lane ``libs``: the pages of the libraries and the ``.pyc`` files previous turbopart
+* lane ``libs``: the pages of the libraries and the module files (``.pyc``, or the source
+  where Python finds no byte-code) previous turbopart
   processes touched before their first model was ready (a *start-up profile*, recorded by a
   process that called :func:`start`: a snapshot of ``/proc/self/pagemap`` and
   ``sys.modules`` at the first :func:`mark_ready` and one at exit; union over runs, entries
