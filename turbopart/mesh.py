@@ -40,11 +40,7 @@ class MeshError(UserError):
 
 # --------------------------------------------------------------------------- loading
 
-def check_mesh_file(path: str | os.PathLike) -> None:
-    """The checks :func:`load_mesh` makes before parsing (exists, a file, a supported type,
-    not empty), without importing trimesh: commands refuse a bad path at once and parse the
-    mesh while the models load."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise MeshError(f"{path}: no such file")
     if path.is_dir():
@@ -70,7 +66,7 @@ def load_mesh(path: str | os.PathLike) -> trimesh.Trimesh:
     transforms (``Scene.to_mesh``).
     """
     path = Path(path)
-    check_mesh_file(path)
+    _check_file(path)
     try:
         scene = trimesh.load_scene(str(path), process=False)
     except Exception as exc:  # every parser error becomes one line

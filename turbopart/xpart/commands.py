@@ -453,28 +453,27 @@ def default_out(out, mesh) -> str:
 
 
 def cmd_generate(args) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..mesh import check_mesh_file, load_mesh
+    from ..mesh import load_mesh
     settings = resolve_settings(args)
-    check_mesh_file(args.mesh)  # the parse itself runs while X-Part loads
+    mesh = load_mesh(args.mesh)
     boxes = limit_boxes(read_boxes(args.boxes), args.max_parts)
     device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh))
-    pool = ThreadPoolExecutor(2)
     try:
+        from concurrent.futures import ThreadPoolExecutor
+
         from .preprocess import object_inputs
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
         from ..runtime import first_use
         first_use.start(device)  # library first-use costs while the models load
         t0 = time.perf_counter()
         weights = resolve_weights(args.weights, progress=not args.quiet)
-        fpipe = pool.submit(_load_pipeline, args, device, weights)
-        mesh = load_mesh(args.mesh)  # trimesh's import and the parse, while X-Part loads
-        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
-        pipe = fpipe.result()
-        timings["load"] = time.perf_counter() - t0
-        obj = fobj.result()
+        with ThreadPoolExecutor(1) as pool:  # object surface while the models load
+            fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed,
+                               surface_points_of(weights))
+            pipe = _load_pipeline(args, device, weights)
+            timings["load"] = time.perf_counter() - t0
+            obj = fobj.result()
         result = pipe(mesh, boxes, steps=settings["steps"],
                       octree_resolution=settings["octree_resolution"], seed=args.seed,
                       progress=not args.quiet, obj=obj)
@@ -487,8 +486,6 @@ def cmd_generate(args) -> int:
     except BaseException:
         out.discard()
         raise
-    finally:  # on an error, a load still running is not waited for
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def result_valid(result, boxes: np.ndarray) -> np.ndarray:
@@ -501,18 +498,21 @@ def cmd_run(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from ..cli import UserError
-    from ..mesh import check_mesh_file, load_mesh
+    from ..mesh import load_mesh
     settings = resolve_settings(args)
     if args.points < 1 or args.prompts < 1:
         raise UserError("--points and --prompts must be at least 1")
     if args.prompts > args.points:
         raise UserError("--prompts cannot exceed --points")
-    if args.mesh is not None:
-        check_mesh_file(args.mesh)  # the parse itself runs while P3-SAM loads
+    if args.mesh is None:
+        from ..examples import example_mesh
+        mesh, source = example_mesh("chair"), "example:chair"
+    else:
+        mesh, source = load_mesh(args.mesh), str(args.mesh)
     fixed = read_boxes(args.bench_boxes) if getattr(args, "bench_boxes", None) else None
     device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh or "example"))
-    pool = ThreadPoolExecutor(3)
+    pool = ThreadPoolExecutor(2)
     try:
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
         from ..runtime import first_use
@@ -522,24 +522,17 @@ def cmd_run(args) -> int:
         from ..p3sam.segmenter import Segmenter
         from .pipeline import XPartPipeline
         from .preprocess import object_inputs
+        # X-Part's object surface is sampled from the start; X-Part (8 GB) streams in while
+        # P3-SAM segments.  TURBOPART_RUN_LOAD_ORDER=together starts both loads at once
+        # (the small P3-SAM then shares the disk with X-Part from its first byte).
+        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
 
-        # P3-SAM (0.45 GB) loads while the mesh is parsed; X-Part (8 GB) streams in after
-        # it, while P3-SAM segments.  TURBOPART_RUN_LOAD_ORDER=together starts both loads
-        # at once (P3-SAM then shares the disk with X-Part from its first byte).
         def load_xpart():
             return pool.submit(XPartPipeline.from_pretrained, weights, device=device,
                                numerics=args.numerics)
-        fseg = pool.submit(Segmenter.from_pretrained, weights, device=device,
-                           numerics=args.numerics)
         together = os.environ.get("TURBOPART_RUN_LOAD_ORDER", "p3sam-first") == "together"
         fx = load_xpart() if together else None
-        if args.mesh is None:
-            from ..examples import example_mesh
-            mesh, source = example_mesh("chair"), "example:chair"
-        else:
-            mesh, source = load_mesh(args.mesh), str(args.mesh)
-        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
-        seg_model = fseg.result()
+        seg_model = Segmenter.from_pretrained(weights, device=device, numerics=args.numerics)
         fx = fx or load_xpart()
         timings["load"] = time.perf_counter() - t0
 
@@ -582,8 +575,8 @@ def cmd_run(args) -> int:
     except BaseException:
         out.discard()
         raise
-    finally:  # on an error, a load still running is not waited for
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _bench_script() -> Path:
