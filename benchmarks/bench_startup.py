@@ -43,6 +43,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import drop_page_cache  # noqa: E402
+
 COMPONENTS = ("p3sam", "model", "conditioner", "shapevae")
 
 #: The child: the CLI's start-up order (read-ahead helper, then imports, then both models in
@@ -158,17 +161,6 @@ import turbopart.xpart.pipeline, turbopart.p3sam.segmenter
 t2 = time.perf_counter()
 print("IMPORTED %f %f" % (t1 - t0, t2 - t0), flush=True)
 """
-
-
-def drop_page_cache() -> bool:
-    """Drop the OS page cache (root on Linux) so the next process reads from disk."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def child_env(extra: dict | None = None) -> dict:

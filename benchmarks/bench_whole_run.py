@@ -36,8 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_pipeline import DEFAULT_MESH, GRIDS, OFFICIAL, shared_dir, weights_seed  # noqa: E402
-from bench_startup import drop_page_cache  # noqa: E402
+from bench_pipeline import (DEFAULT_MESH, GRIDS, OFFICIAL, drop_page_cache,  # noqa: E402
+                            shared_dir, weights_seed)
 
 #: The official whole job (shared/baseline/official-h100.md): start-up (imports + X-Part
 #: load) + P3-SAM + X-Part call at K = 8; fix_mesh (stubbed there) at 1.41 µs per face.

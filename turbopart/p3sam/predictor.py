@@ -46,7 +46,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +92,20 @@ class PromptPredictions:
 
 # =========================================================================== split weights
 
+class _Halved:
+    """``halved()`` of a tail: its two weights that read a GELU (``w2t`` and the output
+    weight named by ``OUT``) times 1/2, for kernels computing 2·GELU; made once."""
+
+    OUT = "w3"
+
+    def halved(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._half is None:
+            self._half = (self.w2t * 0.5, getattr(self, self.OUT) * 0.5)
+        return self._half
+
+
 @dataclass
-class _LogitTail:
+class _LogitTail(_Halved):
     """Hidden layer + 1-wide output of H heads: ``w3 · GELU(x W2ᵀ + b2) + b3``."""
 
     w2t: torch.Tensor  # [H, D, D] (in, out), compute dtype
@@ -102,15 +114,9 @@ class _LogitTail:
     b3: torch.Tensor  # [H] fp32
     _half: tuple | None = None
 
-    def halved(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W2ᵀ/2, w3/2): the weights that read a GELU, for kernels computing 2·GELU."""
-        if self._half is None:
-            self._half = (self.w2t * 0.5, self.w3 * 0.5)
-        return self._half
-
 
 @dataclass
-class _MaxTail:
+class _MaxTail(_Halved):
     """Hidden layer + D-wide output, max-pooled over points: ``max_n (GELU(x W2ᵀ + b2) W3ᵀ) + b3``.
 
     The bias of the last layer is added after the max (exact: adding a constant commutes with
@@ -123,11 +129,7 @@ class _MaxTail:
     b3: torch.Tensor  # [D] fp32
     _half: tuple | None = None
 
-    def halved(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W2ᵀ/2, W3ᵀ/2): the weights that read a GELU, for kernels computing 2·GELU."""
-        if self._half is None:
-            self._half = (self.w2t * 0.5, self.w3t * 0.5)
-        return self._half
+    OUT = "w3t"
 
 
 @dataclass
@@ -527,6 +529,53 @@ def triton_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def _tiles_fit(c, d: int, max_mode: bool) -> bool:
+    """Whether tiles ``c`` (a :class:`KernelConfig` or :class:`HalfConfig`) divide width d."""
+    return d % c.bk == 0 and (d % c.bn3 == 0 if max_mode else d % c.bn == 0)
+
+
+def _time_tiles(cands, launch: Callable, device) -> dict:
+    """``{config: seconds}`` of ``launch(config)`` (3 timed runs after one warm-up) for every
+    candidate that compiles; resource/compile failures drop out, an OOM propagates."""
+    times = {}
+    for c in cands:
+        try:
+            launch(c)
+            torch.cuda.synchronize(device)
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(3):
+                launch(c)
+            t1.record()
+            t1.synchronize()
+            times[c] = t0.elapsed_time(t1) / 3e3
+        except Exception as exc:  # compile/resource failure: skip this candidate
+            if memory.is_oom(exc):
+                raise
+            continue
+    return times
+
+
+def _first_launching(cands, launch: Callable, what: str):
+    """The first of ``cands`` whose ``launch(config)`` succeeds (it has then run); a warning
+    names the ones that failed before it; RuntimeError when none launches."""
+    errors = []
+    for c in cands:
+        try:
+            launch(c)
+        except Exception as exc:
+            if memory.is_oom(exc) or isinstance(exc, ValueError):
+                raise
+            errors.append(f"{c}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if errors:
+            warnings.warn(f"{what}: tiles failed to compile/launch (" + "; ".join(errors)
+                          + f"); using {c}", RuntimeWarning)
+        return c
+    raise RuntimeError(f"no tiles of the {what} launched: " + "; ".join(errors))
+
+
 class _TritonPairs:
     """Fused Triton evaluation of the per-pair layers (all points of a prompt batch at once)."""
 
@@ -572,11 +621,7 @@ class _TritonPairs:
         if self.interpret:
             return INTERPRET_CONFIG.fit(d)
         cands = [c.fit(d) for c in (MAX_CONFIGS if max_mode else LOGIT_CONFIGS)]
-        if not max_mode:
-            cands = [c for c in cands if d % c.bn == 0 and d % c.bk == 0]
-        else:
-            cands = [c for c in cands if d % c.bn3 == 0 and d % c.bk == 0]
-        cands = list(dict.fromkeys(cands))
+        cands = list(dict.fromkeys(c for c in cands if _tiles_fit(c, d, max_mode)))
         key = (max_mode, w2t.shape[0], d, r is not None, str(w2t.dtype), str(u.dtype),
                str(u.device), self.approx_gelu)
         if key in self._tuned:
@@ -591,23 +636,8 @@ class _TritonPairs:
         ks = min(v.shape[0], 64)
         scratch = torch.full_like(out[:ks], float("-inf")) if max_mode else torch.empty_like(out[:ks])
         rr = None if r is None else r[:ks]
-        times: dict[KernelConfig, float] = {}
-        for c in cands:
-            try:
-                self._launch(c, max_mode, u, v[:ks], rr, wl, w2t, b2, w3, b3, scratch)
-                torch.cuda.synchronize(u.device)
-                t0 = torch.cuda.Event(enable_timing=True)
-                t1 = torch.cuda.Event(enable_timing=True)
-                t0.record()
-                for _ in range(3):
-                    self._launch(c, max_mode, u, v[:ks], rr, wl, w2t, b2, w3, b3, scratch)
-                t1.record()
-                t1.synchronize()
-                times[c] = t0.elapsed_time(t1) / 3e3
-            except Exception as exc:  # compile/resource failure: skip this candidate
-                if memory.is_oom(exc):
-                    raise
-                continue
+        times = _time_tiles(cands, lambda c: self._launch(c, max_mode, u, v[:ks], rr, wl, w2t,
+                                                          b2, w3, b3, scratch), u.device)
         if not times:
             raise RuntimeError("no Triton configuration of the P3-SAM pair kernel compiled")
         best = min(times, key=times.get)
@@ -626,25 +656,11 @@ class _TritonPairs:
         # (shared memory, registers, another Triton), fall back to the other candidates.
         d = w2t.shape[1]
         cands = [cfg] + [c.fit(d) for c in (MAX_CONFIGS if max_mode else LOGIT_CONFIGS)]
-        cands = [c for c in dict.fromkeys(cands) if d % c.bk == 0 and
-                 (d % c.bn3 == 0 if max_mode else d % c.bn == 0)]
-        errors = []
-        for c in cands:
-            try:
-                self._launch(c, max_mode, u, v, r, wl, w2t, b2, w3, b3, out)
-            except Exception as exc:
-                if memory.is_oom(exc) or isinstance(exc, ValueError):
-                    raise
-                errors.append(f"{c}: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            if errors:
-                warnings.warn("P3-SAM Triton kernel: tiles failed to compile/launch ("
-                              + "; ".join(errors) + f"); using {c}", RuntimeWarning)
-            self._tuned[key] = c
-            self._launched.add(key)
-            return
-        raise RuntimeError("no Triton configuration of the P3-SAM pair kernel launched: "
-                           + "; ".join(errors))
+        cands = [c for c in dict.fromkeys(cands) if _tiles_fit(c, d, max_mode)]
+        self._tuned[key] = _first_launching(
+            cands, lambda c: self._launch(c, max_mode, u, v, r, wl, w2t, b2, w3, b3, out),
+            "P3-SAM pair kernel")
+        self._launched.add(key)
 
     def logits(self, u, v, r, wl, tail: _LogitTail, out: torch.Tensor) -> None:
         w2h, w3h = tail.halved()  # the kernel's GELUs return 2·GELU
@@ -975,9 +991,7 @@ class _HalfPairs(_TritonPairs):
             (self.max_configs if max_mode else self.logit_configs)
         fixed = None if self.interpret or key is None else HALF_FIXED_CONFIGS.get(key)
         cands = [c.fit(d) for c in ([fixed] if fixed is not None else []) + list(table)]
-        cands = [c for c in cands if d % c.bk == 0 and
-                 (d % c.bn3 == 0 if max_mode else d % c.bn == 0)]
-        return list(dict.fromkeys(cands))
+        return list(dict.fromkeys(c for c in cands if _tiles_fit(c, d, max_mode)))
 
     def _run_half(self, max_mode, u, v16, r, wl16, wts, b3, out):
         d = wts["w2"].shape[1]
@@ -992,44 +1006,18 @@ class _HalfPairs(_TritonPairs):
             self._launch_half(cfg, max_mode, u, v16, r, wl16, wts, b3, out)
             return
         # First launch without tuning: the first candidate that compiles.
-        errors = []
-        for c in cands:
-            try:
-                self._launch_half(c, max_mode, u, v16, r, wl16, wts, b3, out)
-            except Exception as exc:
-                if memory.is_oom(exc) or isinstance(exc, ValueError):
-                    raise
-                errors.append(f"{c}: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            if errors:
-                warnings.warn("P3-SAM half kernel: tiles failed (" + "; ".join(errors)
-                              + f"); using {c}", RuntimeWarning)
-            self._half_tuned[key] = c
-            return
-        raise RuntimeError("no tiles of the P3-SAM half kernel launched: " + "; ".join(errors))
+        self._half_tuned[key] = _first_launching(
+            cands, lambda c: self._launch_half(c, max_mode, u, v16, r, wl16, wts, b3, out),
+            "P3-SAM half kernel")
 
     def _tune_half(self, key, cands, max_mode, u, v16, r, wl16, wts, b3, out):
         ks = min(v16.shape[0], 64)
         scratch = torch.full_like(out[:ks], float("-inf")) if max_mode else \
             torch.empty_like(out[:ks])
         rr = None if r is None else r[:ks]
-        times: dict[HalfConfig, float] = {}
-        for c in cands:
-            try:
-                self._launch_half(c, max_mode, u, v16[:ks], rr, wl16, wts, b3, scratch)
-                torch.cuda.synchronize(u.device)
-                t0 = torch.cuda.Event(enable_timing=True)
-                t1 = torch.cuda.Event(enable_timing=True)
-                t0.record()
-                for _ in range(3):
-                    self._launch_half(c, max_mode, u, v16[:ks], rr, wl16, wts, b3, scratch)
-                t1.record()
-                t1.synchronize()
-                times[c] = t0.elapsed_time(t1) / 3e3
-            except Exception as exc:
-                if memory.is_oom(exc):
-                    raise
-                continue
+        times = _time_tiles(cands, lambda c: self._launch_half(c, max_mode, u, v16[:ks], rr,
+                                                               wl16, wts, b3, scratch),
+                            u.device)
         if not times:
             return None
         best = min(times, key=times.get)
@@ -1065,19 +1053,18 @@ class _HalfPairs(_TritonPairs):
             return False
         return True
 
-    def logits(self, u, v, r, wl, tail: _LogitTail, out: torch.Tensor) -> None:
+    def _counted(self, max_mode: bool, u, v, r, wl, tail, out, fallback) -> None:
         _HalfPairs.calls += 1
-        if not self._half(False, u, v, r, wl, tail, out):
+        if not self._half(max_mode, u, v, r, wl, tail, out):
             self.fallbacks += 1
             _HalfPairs.fallback_calls += 1
-            super().logits(u, v, r, wl, tail, out)
+            fallback(u, v, r, wl, tail, out)
+
+    def logits(self, u, v, r, wl, tail: _LogitTail, out: torch.Tensor) -> None:
+        self._counted(False, u, v, r, wl, tail, out, super().logits)
 
     def max(self, u, v, r, wl, tail: _MaxTail, out: torch.Tensor) -> None:
-        _HalfPairs.calls += 1
-        if not self._half(True, u, v, r, wl, tail, out):
-            self.fallbacks += 1
-            _HalfPairs.fallback_calls += 1
-            super().max(u, v, r, wl, tail, out)
+        self._counted(True, u, v, r, wl, tail, out, super().max)
 
 
 # =========================================================================== evaluation
