@@ -185,18 +185,34 @@ if triton is not None:
                  out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
+    def _tile_of(tile, num_pid_m, num_pid_n: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of tile number ``tile``, grouped GROUP_M row blocks at
+        a time (the weight's column blocks stay in L2 while a group walks them)."""
+        num_in_group = GROUP_M * num_pid_n
+        first_m = (tile // num_in_group) * GROUP_M
+        gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % num_in_group) % gsize)
+        pid_n = (tile % num_in_group) // gsize
+        return pid_m, pid_n
+
+    @triton.jit
     def _tile_ids(M, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BM)
-        num_pid_n: tl.constexpr = N // BN
-        num_in_group = GROUP_M * num_pid_n
-        group = pid // num_in_group
-        first_m = group * GROUP_M
-        gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % num_in_group) % gsize)
-        pid_n = (pid % num_in_group) // gsize
-        return pid_m, pid_n
+        return _tile_of(tl.program_id(0), tl.cdiv(M, BM), N // BN, GROUP_M)
+
+    @triton.jit
+    def _gelu_erf(x):
+        """PyTorch's exact GELU ``0.5·x·(1 + erf(x/√2))`` in fp32, erf by Abramowitz–Stegun
+        7.1.26 (|error| < 1.5e-7, below the bf16 result's resolution; cheaper than
+        libdevice's erff, and as close to ``F.gelu`` on the bf16 outputs: see
+        ``benchmarks/decoder_kernel_lab.py``)."""
+        z = x * 0.7071067811865476
+        az = tl.abs(z)
+        t = tl.fdiv(1.0, 1.0 + 0.3275911 * az, ieee_rounding=False)
+        poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t
+                + 0.254829592) * t
+        erf = 1.0 - poly * tl.math.exp2(-(az * az) * 1.4426950408889634)
+        return x * 0.5 * (1.0 + tl.where(z < 0, -erf, erf))
 
     @triton.jit
     def _epilogue(acc, rm, rn, M, bias_ptr, res_ptr, res_rows, out_dtype: tl.constexpr,
@@ -205,8 +221,7 @@ if triton is not None:
             acc = acc + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
         out = acc.to(out_dtype)
         if EPI == 1:  # exact-erf GELU of the rounded linear output
-            xg = out.to(tl.float32)
-            out = (xg * 0.5 * (1.0 + tl.erf(xg * 0.7071067811865476))).to(out_dtype)
+            out = _gelu_erf(out.to(tl.float32)).to(out_dtype)
         if EPI == 2:  # residual: bf16(res + bf16(linear))
             rr = (rm % res_rows).to(tl.int64)
             res = tl.load(res_ptr + rr[:, None] * N + rn[None, :], mask=(rm < M)[:, None],
@@ -256,6 +271,40 @@ if triton is not None:
         out = _epilogue(acc, rm, rn, M, bias_ptr, res_ptr, res_rows, c_desc.dtype, N,
                         HAS_BIAS, EPI)
         c_desc.store([pid_m * BM, pid_n * BN], out)
+
+
+    @triton.jit(do_not_specialize=["M", "res_rows"])
+    def _gemm_pers_kernel(a_desc, w_desc, c_desc, bias_ptr, res_ptr, M, res_rows,
+                          N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, EPI: tl.constexpr, NUM_SMS: tl.constexpr):
+        """As :func:`_gemm_tma_kernel`, persistent (one program per SM walks the tiles; the
+        loads of the next tile overlap this tile's epilogue), the epilogue in two column
+        halves (fewer live registers)."""
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n: tl.constexpr = N // BN
+        num_tiles = num_pid_m * num_pid_n
+        tile_c = start - NUM_SMS
+        HB: tl.constexpr = BN // 2
+        for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K // BK):
+                a = a_desc.load([pid_m * BM, k * BK])
+                w = w_desc.load([pid_n * BN, k * BK])
+                acc = tl.dot(a, w.T, acc)
+            tile_c += NUM_SMS
+            pid_m, pid_n = _tile_of(tile_c, num_pid_m, num_pid_n, GROUP_M)
+            rm = pid_m * BM + tl.arange(0, BM)
+            rn = pid_n * BN + tl.arange(0, HB)
+            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, HB)), (0, 2, 1)))
+            c_desc.store([pid_m * BM, pid_n * BN],
+                         _epilogue(a0, rm, rn, M, bias_ptr, res_ptr, res_rows, c_desc.dtype,
+                                   N, HAS_BIAS, EPI))
+            c_desc.store([pid_m * BM, pid_n * BN + HB],
+                         _epilogue(a1, rm, rn + HB, M, bias_ptr, res_ptr, res_rows,
+                                   c_desc.dtype, N, HAS_BIAS, EPI))
 
 
 # --------------------------------------------------------------------------- references
@@ -486,6 +535,10 @@ def set_gemm_config(n: int, k: int, cfg: GemmConfig | None, mode: str = "ptr") -
 EPI_NONE, EPI_GELU, EPI_RESIDUAL = 0, 1, 2
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def linear_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: int = 0,
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """The official ops: ``F.linear`` (bias rounded with the output), then ``F.gelu`` or
@@ -502,12 +555,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
            residual: torch.Tensor | None = None, *, mode: str = "ptr",
            config: GemmConfig | None = None) -> torch.Tensor:
     """``epilogue(x Wᵀ + b)`` (see :func:`linear_ref`) with a Triton GEMM: ``mode`` "ptr"
-    (pointer loads) or "tma" (TMA descriptors); "torch" (or anything unsupported) uses
-    :func:`linear_ref`."""
+    (pointer loads), "tma" (TMA descriptors) or "pers" (TMA, persistent, split epilogue);
+    "torch" (or anything unsupported) uses :func:`linear_ref`."""
     m, k = x.shape
     n = w.shape[0]
     cfg = config or gemm_config(n, k, mode)
-    ok = (mode in ("ptr", "tma") and available(x) and x.dtype in _HALF and w.dtype == x.dtype
+    ok = (mode in ("ptr", "tma", "pers") and available(x) and x.dtype in _HALF and w.dtype == x.dtype
           and x.is_contiguous() and w.is_contiguous() and n % cfg.bn == 0 and k % cfg.bk == 0
           and (b is None or b.dtype == x.dtype)
           and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype
@@ -526,13 +579,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
         res_rows = residual.shape[0] if residual is not None else 1
         common = dict(N=n, K=k, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m,
                       HAS_BIAS=b is not None, EPI=epilogue, num_warps=cfg.warps)
-        if mode == "tma":
+        if mode in ("tma", "pers"):
             from triton.tools.tensor_descriptor import TensorDescriptor
             a_d = TensorDescriptor.from_tensor(x, [cfg.bm, cfg.bk])
             w_d = TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk])
-            c_d = TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])
-            _gemm_tma_kernel[grid](a_d, w_d, c_d, bias, res, m, res_rows, STAGES=cfg.stages,
-                                   **common)
+            c_d = TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn // (2 if mode == "pers"
+                                                                       else 1)])
+            if mode == "pers":
+                sms = _sm_count(x.device)
+                _gemm_pers_kernel[(min(sms, grid[0]),)](
+                    a_d, w_d, c_d, bias, res, m, res_rows, NUM_SMS=sms,
+                    num_stages=cfg.stages, **common)
+            else:
+                _gemm_tma_kernel[grid](a_d, w_d, c_d, bias, res, m, res_rows,
+                                       STAGES=cfg.stages, **common)
         else:
             _gemm_kernel[grid](x, w, out, bias, res, m, res_rows, num_stages=cfg.stages,
                                **common)
