@@ -334,6 +334,8 @@ def run_all(args, dev, report, table, W, Hd, T, D, rows):
                 report["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 table.append((name, float("nan"), 0, "ERR " + str(exc)[:60].replace("\n", " ")))
         del x, w, b, ref
+    if "front" in args.only:
+        front_lab(args, dev, report, table, W, rows)
     if "decoder" in args.only:
         decoder_lab(args, dev, report, table)
     if "overlap" in args.only:
@@ -398,12 +400,21 @@ def decoder_lab(args, dev, report, table):
         "fine": torch.rand(k, per_part, 3, generator=g, device=dev, dtype=torch.float64)
         * 2.02 - 1.01}
     variants = [("eager", "eager", None), ("cublas", "fused", FusedOptions("triton", "cublas")),
-                ("gelu_pers", "fused", FusedOptions("triton", "gelu_pers")),
-                ("gelu_tma", "fused", FusedOptions("triton", "gelu_tma"))]
+                ("cublas old-front", "fused", FusedOptions("triton", "cublas")),
+                ("gelu_pers", "fused", FusedOptions("triton", "gelu_pers"))]
     refs: dict = {}
     report["decoder"] = {}
+    real_front = kern.front
+
+    def previous_front(pts, fr, include_input, fdt, qw, qb, lw, lb, eps, use_triton=True):
+        from turbopart.nn.fourier import fourier_features
+        f = fourier_features(pts, fr, include_input=include_input, out_dtype=fdt).to(qw.dtype)
+        f = F.pad(f, (0, qw.shape[1] - f.shape[-1]))
+        e = F.linear(f, qw, qb)
+        return e, kern.layer_norm(e, lw, lb, eps)
     for name, kernel, opts in variants:
         set_variant(geo, kernel, opts)
+        kern.front = previous_front if "old-front" in name else real_front
         for lname, pts in layouts.items():
             out = geo.query(pts, kv)
             torch.cuda.synchronize()
@@ -417,7 +428,7 @@ def decoder_lab(args, dev, report, table):
             mq = k * per_part / med / 1e6
             refs.setdefault((lname, name), out)
             note = ""
-            for rname in ("eager", "cublas"):
+            for rname in ("eager", "cublas old-front"):
                 if rname != name and (lname, rname) in refs:
                     u = ulps(out, refs[(lname, rname)])
                     note += f" vs {rname}: {u['max_ulps']}u >2 {u['frac_over_2ulp']:.1e}"
@@ -425,6 +436,55 @@ def decoder_lab(args, dev, report, table):
                                                     "disabled": kern.disabled()}
             table.append((f"decoder {name} {lname}", med * 1e3, mq * 25.3e-3,
                           f"{mq:.2f} M q/s{note} {list(kern.disabled())}"))
+
+
+def old_front(pts, fr, fdt, qw, qb, lw, lb):
+    """The fused path's front before the front kernel: Fourier, cast, pad, cuBLAS, LN kernel."""
+    from turbopart.nn.fourier import fourier_features
+    f = fourier_features(pts, fr, include_input=True, out_dtype=fdt).to(qw.dtype)
+    f = F.pad(f, (0, qw.shape[1] - f.shape[-1]))
+    e = F.linear(f, qw, qb)
+    return e, kern.layer_norm(e, lw, lb, 1e-6)
+
+
+def front_lab(args, dev, report, table, W, rows):
+    """Fourier + query_proj + ln_1: the front kernel against the op sequence (front_ref) and
+    the fused path's previous front (old_front)."""
+    from turbopart.nn.fourier import fourier_frequencies
+    fr = fourier_frequencies(8, False, device=dev)
+    qw = torch.zeros(W, 56, device=dev, dtype=torch.bfloat16)
+    qw[:, :51] = (torch.randn(W, 51, device=dev) * 0.3).bfloat16()
+    qb = (torch.randn(W, device=dev) * 0.1).bfloat16()
+    lw = 1 + 0.1 * torch.randn(W, device=dev)
+    lb = 0.1 * torch.randn(W, device=dev)
+    g = torch.Generator(device=dev).manual_seed(3)
+    sets = {"fine fp64": torch.rand(rows, 3, generator=g, device=dev,
+                                    dtype=torch.float64) * 2.02 - 1.01,
+            "coarse fp16": (torch.rand(rows, 3, generator=g, device=dev)
+                            * 2.02 - 1.01).half()}
+    report["front"] = {}
+    for name, pts in sets.items():
+        for fdt in (torch.float32, torch.bfloat16):
+            e0, h0 = kern.front_ref(pts, fr, True, fdt, qw, qb, lw, lb, 1e-6)
+            e1, h1 = kern.front(pts, fr, True, fdt, qw, qb, lw, lb, 1e-6)
+            ue, uh = ulps(e1, e0), ulps(h1, h0)
+            t_old = bench(lambda: old_front(pts, fr, fdt, qw, qb, lw, lb))
+            t1 = bench(lambda: kern.front(pts, fr, True, fdt, qw, qb, lw, lb, 1e-6))
+            key = f"front {name} feat={str(fdt)[6:]}"
+            report["front"][key] = {"old_ms": t_old, "fused_ms": t1, "e": ue, "h": uh,
+                                    "disabled": kern.disabled()}
+            table.append((key, t1, 0, f"old {t_old:.3f}  e {ue['max_ulps']}u "
+                          f"{ue['frac_differ']:.1e}  h {uh['max_ulps']}u {uh['frac_differ']:.1e}"
+                          f" >2 {uh['frac_over_2ulp']:.1e} {list(kern.disabled())}"))
+        if name == "fine fp64":
+            for cfg in [(64, 128, 4), (128, 128, 8), (64, 256, 8)]:
+                kern._FRONT_CFG[0] = cfg
+                tc = bench(lambda: kern.front(pts, fr, True, torch.float32, qw, qb, lw, lb,
+                                              1e-6))
+                table.append((f"  cfg {cfg}", tc, 0, f"{list(kern.disabled())}"))
+                report["front"][f"{name} cfg {cfg}"] = tc
+                kern.reset()
+            kern._FRONT_CFG[0] = (64, 128, 8)
 
 
 def overlap(args, dev, report, table, W, Hd, T, D, rows):

@@ -436,13 +436,9 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
             return kern.linear(x, wt, bias, epi, res, mode=mode)
         return kern.linear_ref(x, wt, bias, epi, res)
 
-    f = fourier_features(pts, w.frequencies, include_input=include_input,
-                         out_dtype=w.feat_dtype).to(cdt)
-    if f.shape[-1] < w.query_w.shape[1]:
-        f = F.pad(f, (0, w.query_w.shape[1] - f.shape[-1]))
-    e = F.linear(f.reshape(bp * q, -1), w.query_w, w.query_b)              # [Bp·q, W]
-    del f
-    h = kern.layer_norm(e, w.ln1_w, w.ln1_b, block_eps, use_triton=glue)
+    e, h = kern.front(pts.reshape(bp * q, 3), w.frequencies, include_input, w.feat_dtype,
+                      w.query_w, w.query_b, w.ln1_w, w.ln1_b, block_eps,
+                      use_triton=glue)                                      # [Bp·q, W] each
     qh = lin(h, w.cq_w, w.cq_b)
     del h
     qn_w = w.qn_w if has_qk_norm else None
