@@ -404,17 +404,13 @@ def decoder_lab(args, dev, report, table):
                 ("gelu_pers", "fused", FusedOptions("triton", "gelu_pers"))]
     refs: dict = {}
     report["decoder"] = {}
-    real_front = kern.front
+    real_front = kern.fourier_rows
 
-    def previous_front(pts, fr, include_input, fdt, qw, qb, lw, lb, eps, use_triton=True):
-        from turbopart.nn.fourier import fourier_features
-        f = fourier_features(pts, fr, include_input=include_input, out_dtype=fdt).to(qw.dtype)
-        f = F.pad(f, (0, qw.shape[1] - f.shape[-1]))
-        e = F.linear(f, qw, qb)
-        return e, kern.layer_norm(e, lw, lb, eps)
+    def previous_front(pts, fr, include_input, fdt, odt, width, use_triton=True):
+        return kern.fourier_rows_ref(pts, fr, include_input, fdt, odt, width)
     for name, kernel, opts in variants:
         set_variant(geo, kernel, opts)
-        kern.front = previous_front if "old-front" in name else real_front
+        kern.fourier_rows = previous_front if "old-front" in name else real_front
         for lname, pts in layouts.items():
             out = geo.query(pts, kv)
             torch.cuda.synchronize()
@@ -438,18 +434,9 @@ def decoder_lab(args, dev, report, table):
                           f"{mq:.2f} M q/s{note} {list(kern.disabled())}"))
 
 
-def old_front(pts, fr, fdt, qw, qb, lw, lb):
-    """The fused path's front before the front kernel: Fourier, cast, pad, cuBLAS, LN kernel."""
-    from turbopart.nn.fourier import fourier_features
-    f = fourier_features(pts, fr, include_input=True, out_dtype=fdt).to(qw.dtype)
-    f = F.pad(f, (0, qw.shape[1] - f.shape[-1]))
-    e = F.linear(f, qw, qb)
-    return e, kern.layer_norm(e, lw, lb, 1e-6)
-
-
 def front_lab(args, dev, report, table, W, rows):
-    """Fourier + query_proj + ln_1: the front kernel against the op sequence (front_ref) and
-    the fused path's previous front (old_front)."""
+    """The query points' Fourier features (cast, padded): the kernel against the op sequence
+    (must be bitwise equal), then with query_proj and ln_1 as in the fused path."""
     from turbopart.nn.fourier import fourier_frequencies
     fr = fourier_frequencies(8, False, device=dev)
     qw = torch.zeros(W, 56, device=dev, dtype=torch.bfloat16)
@@ -465,26 +452,25 @@ def front_lab(args, dev, report, table, W, rows):
     report["front"] = {}
     for name, pts in sets.items():
         for fdt in (torch.float32, torch.bfloat16):
-            e0, h0 = kern.front_ref(pts, fr, True, fdt, qw, qb, lw, lb, 1e-6)
-            e1, h1 = kern.front(pts, fr, True, fdt, qw, qb, lw, lb, 1e-6)
-            ue, uh = ulps(e1, e0), ulps(h1, h0)
-            t_old = bench(lambda: old_front(pts, fr, fdt, qw, qb, lw, lb))
-            t1 = bench(lambda: kern.front(pts, fr, True, fdt, qw, qb, lw, lb, 1e-6))
-            key = f"front {name} feat={str(fdt)[6:]}"
-            report["front"][key] = {"old_ms": t_old, "fused_ms": t1, "e": ue, "h": uh,
+            f0 = kern.fourier_rows_ref(pts, fr, True, fdt, torch.bfloat16, 56)
+            f1 = kern.fourier_rows(pts, fr, True, fdt, torch.bfloat16, 56)
+            u = ulps(f1, f0)
+            t0 = bench(lambda: kern.fourier_rows_ref(pts, fr, True, fdt, torch.bfloat16, 56))
+            t1 = bench(lambda: kern.fourier_rows(pts, fr, True, fdt, torch.bfloat16, 56))
+
+            def whole(fn):
+                e = F.linear(fn(pts, fr, True, fdt, torch.bfloat16, 56), qw, qb)
+                return kern.layer_norm(e, lw, lb, 1e-6)
+            w0 = bench(lambda: whole(kern.fourier_rows_ref))
+            w1 = bench(lambda: whole(kern.fourier_rows))
+            key = f"fourier {name} feat={str(fdt)[6:]}"
+            report["front"][key] = {"ref_ms": t0, "kernel_ms": t1, "front_ref_ms": w0,
+                                    "front_kernel_ms": w1, "ulps": u,
+                                    "equal": bool(torch.equal(f0, f1)),
                                     "disabled": kern.disabled()}
-            table.append((key, t1, 0, f"old {t_old:.3f}  e {ue['max_ulps']}u "
-                          f"{ue['frac_differ']:.1e}  h {uh['max_ulps']}u {uh['frac_differ']:.1e}"
-                          f" >2 {uh['frac_over_2ulp']:.1e} {list(kern.disabled())}"))
-        if name == "fine fp64":
-            for cfg in [(64, 128, 4), (128, 128, 8), (64, 256, 8)]:
-                kern._FRONT_CFG[0] = cfg
-                tc = bench(lambda: kern.front(pts, fr, True, torch.float32, qw, qb, lw, lb,
-                                              1e-6))
-                table.append((f"  cfg {cfg}", tc, 0, f"{list(kern.disabled())}"))
-                report["front"][f"{name} cfg {cfg}"] = tc
-                kern.reset()
-            kern._FRONT_CFG[0] = (64, 128, 8)
+            table.append((key, t1, 0, f"ref {t0:.3f}  front {w1:.3f} vs {w0:.3f}  equal "
+                          f"{torch.equal(f0, f1)} {u['max_ulps']}u {u['frac_differ']:.1e} "
+                          f"{list(kern.disabled())}"))
 
 
 def overlap(args, dev, report, table, W, Hd, T, D, rows):

@@ -436,9 +436,11 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
             return kern.linear(x, wt, bias, epi, res, mode=mode)
         return kern.linear_ref(x, wt, bias, epi, res)
 
-    e, h = kern.front(pts.reshape(bp * q, 3), w.frequencies, include_input, w.feat_dtype,
-                      w.query_w, w.query_b, w.ln1_w, w.ln1_b, block_eps,
-                      use_triton=glue)                                      # [Bp·q, W] each
+    f = kern.fourier_rows(pts.reshape(bp * q, 3), w.frequencies, include_input, w.feat_dtype,
+                          cdt, w.query_w.shape[1], use_triton=glue)
+    e = F.linear(f, w.query_w, w.query_b)                                  # [Bp·q, W]
+    del f
+    h = kern.layer_norm(e, w.ln1_w, w.ln1_b, block_eps, use_triton=glue)
     qh = lin(h, w.cq_w, w.cq_b)
     del h
     qn_w = w.qn_w if has_qk_norm else None

@@ -3,9 +3,9 @@
 Every kernel computes the official arithmetic of the op sequence it replaces (the rounding
 points of the official bf16 autocast run), only the order of fp32 reductions differs:
 
-* :func:`front` — Fourier features of the query points, query_proj and ln_1 in one pass
-  (``e`` and ``bf16(LN_fp32(e))``; the features never reach memory);
-* :func:`layer_norm` — ``bf16(LN_fp32(x))`` (the head-wise q_norm of the SDPA path);
+* :func:`fourier_rows` — the query points' Fourier features, cast and zero-padded, as the
+  query_proj operand, in one pass;
+* :func:`layer_norm` — ``bf16(LN_fp32(x))`` (ln_1; the head-wise q_norm of the SDPA path);
 * :func:`add_layer_norm` — ``x = bf16(a + b)`` and ``bf16(LN_fp32(x))`` (residual + ln_3),
   ``a`` optionally shared by several parts (row ``r`` reads ``a[r % a_rows]``);
 * :func:`add_ln_dot` — ``x = bf16(a + b)``, ``bf16(LN_fp32(x))`` · output_proj + bias,
@@ -160,33 +160,13 @@ if triton is not None:
             v = tl.sin(prod)
         return tl.where(live[None, :], v.to(tl.float32), 0.0).to(dt)
 
-    @triton.jit
-    def _front_e(fx, fs, fc, wp_ptr, b_ptr, n0, n, js, N: tl.constexpr, JS: tl.constexpr,
-                 HAS_X: tl.constexpr, dt: tl.constexpr):
-        """bf16(features · W[n0:n0+BN]ᵀ + b) from the three feature tiles and the packed
-        weight ``wp`` [3, JS, N] (x | sin | cos column blocks, K-major, zero-padded)."""
-        off = js[:, None] * N + (n0 + n)[None, :]
-        acc = tl.dot(fs, tl.load(wp_ptr + JS * N + off))
-        acc = tl.dot(fc, tl.load(wp_ptr + 2 * JS * N + off), acc)
-        if HAS_X:
-            acc = tl.dot(fx, tl.load(wp_ptr + off), acc)
-        bias = tl.load(b_ptr + n0 + n).to(tl.float32)
-        return (acc + bias[None, :]).to(dt)
-
     @triton.jit(do_not_specialize=["n_rows"])
-    def _front_kernel(p_ptr, fr_ptr, wp_ptr, b_ptr, lw_ptr, lb_ptr, e_ptr, h_ptr, n_rows, eps,
-                      NF: tl.constexpr, X0: tl.constexpr, JS: tl.constexpr,
-                      N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      F64: tl.constexpr):
-        """e = bf16(bf16(fourier(p)) · Wᵀ + b) and h = bf16(LN(e)) for BM rows of points.
-
-        Fourier columns ``[x (X0) | sin (3·NF) | cos (3·NF)]``, axis-major, in fp64 (F64) or
-        fp32, rounded through fp32 to the storage dtype (PyTorch's cast), held as three
-        tiles (x, sin, cos; JS ≥ 3·NF columns each) whose products with the matching
-        blocks of the packed weight (:func:`_front_weight`) are summed.  Two passes over the N columns: e and shifted sums for
-        the LayerNorm statistics (shift: the first BN columns' mean), then e again and h;
-        only e and h reach memory.
-        """
+    def _fourier_kernel(p_ptr, fr_ptr, f_ptr, n_rows, NF: tl.constexpr, X0: tl.constexpr,
+                        JS: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
+                        F64: tl.constexpr):
+        """Rows ``[x (X0) | sin (3·NF) | cos (3·NF) | 0 …]`` (KW columns) of points [R, 3]:
+        axis-major Fourier features in fp64 (F64) or fp32, rounded through fp32 to the
+        output dtype (PyTorch's cast), the zero padding of the GEMM operand included."""
         pid = tl.program_id(0)
         r = pid * BM + tl.arange(0, BM)
         rmask = r < n_rows
@@ -194,37 +174,25 @@ if triton is not None:
         x0 = tl.load(p_ptr + r64 * 3, mask=rmask, other=0.0)
         x1 = tl.load(p_ptr + r64 * 3 + 1, mask=rmask, other=0.0)
         x2 = tl.load(p_ptr + r64 * 3 + 2, mask=rmask, other=0.0)
-        dt: tl.constexpr = e_ptr.dtype.element_ty
+        dt: tl.constexpr = f_ptr.dtype.element_ty
         js = tl.arange(0, JS)
-        fs = _fourier_tile(x0, x1, x2, fr_ptr, js, NF, False, F64, dt)
-        fc = _fourier_tile(x0, x1, x2, fr_ptr, js, NF, True, F64, dt)
+        row = f_ptr + r64[:, None] * KW
+        m = rmask[:, None]
+        tl.store(row + (X0 + js)[None, :],
+                 _fourier_tile(x0, x1, x2, fr_ptr, js, NF, False, F64, dt),
+                 mask=m & (js < 3 * NF)[None, :])
+        tl.store(row + (X0 + 3 * NF + js)[None, :],
+                 _fourier_tile(x0, x1, x2, fr_ptr, js, NF, True, F64, dt),
+                 mask=m & (js < 3 * NF)[None, :])
         xs = tl.where(js[None, :] == 0, x0[:, None],
                       tl.where(js[None, :] == 1, x1[:, None], x2[:, None]))
         if F64:
             xs = xs.to(tl.float64).to(tl.float32)
-        fx = tl.where((js < X0)[None, :], xs.to(tl.float32), 0.0).to(dt)
-        n = tl.arange(0, BN)
-        e = _front_e(fx, fs, fc, wp_ptr, b_ptr, 0, n, js, N, JS, X0 > 0, dt)
-        shift = tl.sum(e.to(tl.float32), 1) / BN
-        s1 = tl.zeros([BM], tl.float32)
-        s2 = tl.zeros([BM], tl.float32)
-        for n0 in tl.range(0, N, BN):
-            e = _front_e(fx, fs, fc, wp_ptr, b_ptr, n0, n, js, N, JS, X0 > 0, dt)
-            tl.store(e_ptr + r64[:, None] * N + (n0 + n)[None, :], e, mask=rmask[:, None])
-            d = e.to(tl.float32) - shift[:, None]
-            s1 += tl.sum(d, 1)
-            s2 += tl.sum(d * d, 1)
-        m1 = s1 / N
-        mean = shift + m1
-        var = tl.maximum(s2 / N - m1 * m1, 0.0)
-        rstd = tl.math.rsqrt(var + eps)
-        for n0 in tl.range(0, N, BN):
-            e = _front_e(fx, fs, fc, wp_ptr, b_ptr, n0, n, js, N, JS, X0 > 0, dt)
-            lw = tl.load(lw_ptr + n0 + n)
-            lb = tl.load(lb_ptr + n0 + n)
-            y = (e.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
-            tl.store(h_ptr + r64[:, None] * N + (n0 + n)[None, :], y.to(dt),
-                     mask=rmask[:, None])
+        xs = xs.to(tl.float32)
+        pad = X0 + 6 * NF
+        tl.store(row + js[None, :], xs.to(dt), mask=m & (js < X0)[None, :])
+        tl.store(row + (pad + js)[None, :], tl.zeros([BM, JS], dt),
+                 mask=m & ((pad + js) < KW)[None, :])
 
     @triton.jit(do_not_specialize=["n_q"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, qb_ptr, n_q,
@@ -494,86 +462,49 @@ def add_ln_dot(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | None,
     return _try("ln_dot", launch, ref)
 
 
-# ---- query front: Fourier features, query_proj, ln_1
+# ---- Fourier features of the query points
 
-#: (rows, columns per step, warps) of the front kernel.
-_FRONT_CFG = [(64, 128, 8)]
-_FRONT_W: dict[int, tuple] = {}
-
-
-def _front_weight(query_w: torch.Tensor, x0: int, nf: int, js: int) -> torch.Tensor:
-    """query_proj's weight [N, KW] as the front kernel's operand [3, JS, N]: the x, sin and
-    cos column blocks, transposed (K-major) and zero-padded to JS rows.  Cached per weight
-    tensor (the entry holds the tensor, so its id cannot be reused while cached)."""
-    hit = _FRONT_W.get(id(query_w))
-    spec = (query_w._version, x0, nf, js)
-    if hit is not None and hit[0] is query_w and hit[1] == spec:
-        return hit[2]
-    n = query_w.shape[0]
-    wp = query_w.new_zeros(3, js, n)
-    wp[0, :x0] = query_w[:, :x0].t()
-    wp[1, :3 * nf] = query_w[:, x0:x0 + 3 * nf].t()
-    wp[2, :3 * nf] = query_w[:, x0 + 3 * nf:x0 + 6 * nf].t()
-    if len(_FRONT_W) >= 4:
-        _FRONT_W.clear()
-    _FRONT_W[id(query_w)] = (query_w, spec, wp)
-    return wp
-
-
-def front_ref(pts: torch.Tensor, frequencies: torch.Tensor, include_input: bool,
-              feat_dtype: torch.dtype, query_w: torch.Tensor, query_b: torch.Tensor,
-              ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official ops: ``e = query_proj(fourier(pts) → feat_dtype → storage dtype)`` and
-    ``h = bf16(LN_fp32(e))`` for points [R, 3]; ``query_w`` [W, KW] is zero-padded past
-    the feature count."""
+def fourier_rows_ref(pts: torch.Tensor, frequencies: torch.Tensor, include_input: bool,
+                     feat_dtype: torch.dtype, out_dtype: torch.dtype, width: int
+                     ) -> torch.Tensor:
+    """The official ops: ``fourier(pts)`` cast to ``feat_dtype`` then ``out_dtype``, zero
+    columns appended up to ``width`` (the padded query_proj operand); points [R, 3]."""
     from ..fourier import fourier_features
-    cdt = query_w.dtype
     f = fourier_features(pts, frequencies, include_input=include_input,
-                         out_dtype=feat_dtype).to(cdt)
-    if f.shape[-1] < query_w.shape[1]:
-        f = F.pad(f, (0, query_w.shape[1] - f.shape[-1]))
-    e = F.linear(f, query_w, query_b)
-    return e, _ln_ref(e, ln_w, ln_b, eps)
+                         out_dtype=feat_dtype).to(out_dtype)
+    if f.shape[-1] < width:
+        f = F.pad(f, (0, width - f.shape[-1]))
+    return f
 
 
-def front(pts: torch.Tensor, frequencies: torch.Tensor, include_input: bool,
-          feat_dtype: torch.dtype, query_w: torch.Tensor, query_b: torch.Tensor,
-          ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, use_triton: bool = True
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`front_ref` in one kernel: the features never reach memory and ``e`` is not
-    read back for ln_1 (only ``e`` and ``h`` are written)."""
+def fourier_rows(pts: torch.Tensor, frequencies: torch.Tensor, include_input: bool,
+                 feat_dtype: torch.dtype, out_dtype: torch.dtype, width: int,
+                 use_triton: bool = True) -> torch.Tensor:
+    """:func:`fourier_rows_ref` in one kernel (one write of the [R, width] operand instead
+    of the product, sin, cos, concatenation, two casts and the padding)."""
     n_rows = pts.shape[0]
-    cdt = query_w.dtype
     nf = frequencies.numel()
     x0 = 3 if include_input else 0
-    kw = query_w.shape[1]
-    n = query_w.shape[0]
     fdt = torch.promote_types(pts.dtype, frequencies.dtype)
-    bm, bn, warps = _FRONT_CFG[0]
-    ok = (use_triton and available(pts) and cdt in _HALF and pts.shape[-1] == 3
-          and 0 < nf <= 10 and x0 <= 16 and fdt in (torch.float32, torch.float64)
-          and feat_dtype in (torch.float32, cdt) and frequencies.dtype == torch.float32
-          and x0 + 6 * nf <= kw and _pow2(n) and n % bn == 0 and query_b is not None
-          and query_b.dtype == cdt and query_w.is_contiguous())
+    ok = (use_triton and available(pts) and out_dtype in _HALF and pts.shape[-1] == 3
+          and 0 < nf <= 10 and fdt in (torch.float32, torch.float64)
+          and feat_dtype in (torch.float32, out_dtype)
+          and frequencies.dtype == torch.float32 and x0 + 6 * nf <= width)
 
     def ref():
-        return front_ref(pts, frequencies, include_input, feat_dtype, query_w, query_b,
-                         ln_w, ln_b, eps)
+        return fourier_rows_ref(pts, frequencies, include_input, feat_dtype, out_dtype, width)
     if not ok or n_rows == 0:
         return ref()
 
     def launch():
-        p = pts.contiguous()
-        e = torch.empty(n_rows, n, dtype=cdt, device=pts.device)
-        h = torch.empty_like(e)
-        js = max(16, triton.next_power_of_2(3 * nf))
-        _front_kernel[(triton.cdiv(n_rows, bm),)](
-            p, frequencies.contiguous(), _front_weight(query_w, x0, nf, js), query_b, ln_w,
-            ln_b, e, h, n_rows, float(eps), NF=nf, X0=x0, JS=js, N=n, BM=bm, BN=bn,
-            F64=fdt == torch.float64, num_warps=warps)
-        return e, h
-    return _try("front", launch, ref)
+        f = torch.empty(n_rows, width, dtype=out_dtype, device=pts.device)
+        bm = 64
+        js = max(16, triton.next_power_of_2(max(3 * nf, width - x0 - 6 * nf)))
+        _fourier_kernel[(triton.cdiv(n_rows, bm),)](
+            pts.contiguous(), frequencies.contiguous(), f, n_rows, NF=nf, X0=x0, JS=js,
+            KW=width, BM=bm, F64=fdt == torch.float64, num_warps=4)
+        return f
+    return _try("fourier", launch, ref)
 
 
 # ---- attention
