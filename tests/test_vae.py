@@ -386,7 +386,16 @@ _KERNEL_SCRIPT = textwrap.dedent(r"""
     o = K.attention(q[:n], k, v, None, None, 1e-6, n, config=K.AttnConfig(16, 32, 4, 1))
     o_ref = K.attention_ref(q[:n], k, v, None, None, 1e-6, n)
     assert (o.float() - o_ref.float()).abs().max() < 0.02
-    # GEMM epilogues, pointer and TMA loads (ragged M)
+    # Fourier operand of query_proj: bitwise the op sequence (fp64 and fp16 points)
+    from turbopart.nn.fourier import fourier_frequencies
+    fr = fourier_frequencies(8, False)
+    for pts in (torch.rand(45, 3, generator=g, dtype=torch.float64) * 2.02 - 1.01,
+                (torch.rand(45, 3, generator=g) * 2.02 - 1.01).half()):
+        for fdt in (torch.float32, bf):
+            f = K.fourier_rows(pts, fr, True, fdt, bf, 56)
+            assert torch.equal(f, K.fourier_rows_ref(pts, fr, True, fdt, bf, 56)), pts.dtype
+    # GEMM epilogues, pointer and TMA loads (ragged M); the persistent kernel's tile loop
+    # does not run in Triton 3.6's interpreter (run-time loop bounds): GPU tests cover it
     xm, wm, bm = rnd(70, 128), rnd(96, 128, scale=0.1), rnd(96)
     res = rnd(35, 96)
     cfg = K.GemmConfig(32, 32, 32, 2, 4, 2)
@@ -438,6 +447,22 @@ def test_decoder_kernels_in_interpreter():
     res = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_gpu
+def test_fourier_rows_on_cuda_is_the_op_sequence():
+    """The Fourier kernel writes the query_proj operand bit for bit as PyTorch computes it
+    (fp64 fine-level points, fp16 coarse grid; sin/cos, casts and zero padding)."""
+    from turbopart.nn.fourier import fourier_frequencies
+    from turbopart.nn.kernels import decoder_triton as K
+    fr = fourier_frequencies(8, False, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p64 = torch.rand(20000, 3, generator=g, device="cuda", dtype=torch.float64) * 2.02 - 1.01
+    for pts in (p64, p64.half(), p64.float()):
+        for fdt in (torch.float32, torch.bfloat16):
+            f = K.fourier_rows(pts, fr, True, fdt, torch.bfloat16, 56)
+            assert torch.equal(f, K.fourier_rows_ref(pts, fr, True, fdt, torch.bfloat16, 56))
+    assert "fourier" not in K.disabled()
 
 
 @needs_gpu

@@ -637,6 +637,8 @@ EPI_NONE, EPI_GELU, EPI_RESIDUAL = 0, 1, 2
 
 
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter
+        return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
