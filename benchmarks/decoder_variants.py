@@ -29,7 +29,7 @@ One run (≤ ~4 minutes on an H100):
 ``--tiny`` runs the script logic on the CPU with a tiny config (PyTorch fallbacks only).
 The switches it recommends: ``TURBOPART_DECODER`` (auto|eager|fused|compile),
 ``TURBOPART_DECODER_ATTN`` (triton|sdpa|flash|cudnn|efficient), ``TURBOPART_DECODER_GEMM``
-(cublas|gelu|gelu_tma|triton|triton_tma), ``TURBOPART_DECODER_ATTN_CFG`` ("bm,bn,warps,
+(cublas|gelu|gelu_tma|gelu_pers|triton|triton_tma), ``TURBOPART_DECODER_ATTN_CFG`` ("bm,bn,warps,
 stages"), ``TURBOPART_DECODER_GEMM_CFG`` ("bm,bn,bk,group_m,warps,stages").
 """
 from __future__ import annotations
@@ -371,7 +371,7 @@ def throughput(geo, kv, device, args, report) -> dict:
         # the pipeline mix: ~64 % coarse (shared) queries, ~36 % fine (per part)
         return 1.0 / (0.64 / v[0] + 0.36 / v[1])
     best_attn = max(attn_list, key=lambda a: score(f"fused attn={a} gemm=cublas"))
-    for gm in ("gelu", "gelu_tma", "triton", "triton_tma"):
+    for gm in ("gelu", "gelu_tma", "gelu_pers", "triton", "triton_tma"):
         run(f"fused attn={best_attn} gemm={gm}", "fused", FusedOptions(best_attn, gm))
     scored = {n: score(n) for n in results}
     best = max(scored, key=scored.get)

@@ -363,17 +363,18 @@ class FusedOptions(NamedTuple):
     (21.2 / 18.5 M q/s coarse / fine against 20.2 / 18.0) but loses inside the pipeline,
     where every chunk of the fine levels has a new row count (1.75 s against 1.43 s for the
     8-part decode on the same H100).
-    ``gemm``: "auto" (default: "gelu_pers" on Hopper GPUs, where it measured 2–3 % faster
-    than "cublas" for the whole query path, ``benchmarks/decoder_kernel_lab.py``; "cublas"
-    elsewhere), "cublas" (every Linear in cuBLAS, GELU as ``F.gelu``), "gelu" / "gelu_tma" /
-    "gelu_pers" (c_fc as a Triton GEMM with the bias + exact GELU epilogue: pointer loads,
-    TMA loads, or TMA loads in a persistent kernel; the rest cuBLAS), "triton" / "triton_tma" (all four 1024-wide Linears in Triton, residual adds
+    ``gemm``: "cublas" (default: every Linear in cuBLAS, GELU as ``F.gelu``), "gelu" /
+    "gelu_tma" / "gelu_pers" (c_fc as a Triton GEMM with the bias + exact GELU epilogue:
+    pointer loads, TMA loads, or TMA loads in a persistent kernel; the rest cuBLAS;
+    "gelu_pers" is 8 % faster than cuBLAS + GELU for that layer and 2–3 % for the whole
+    query benchmark, but made no measurable difference to the pipeline's decoding: see
+    BENCHMARKS.md), "triton" / "triton_tma" (all four 1024-wide Linears in Triton, residual adds
     in the c_proj epilogues).
     ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
     PyTorch ops, for checks).
     """
     attn: str = "triton"
-    gemm: str = "auto"
+    gemm: str = "cublas"
     glue: bool = True
 
     @classmethod
@@ -392,17 +393,8 @@ class FusedOptions(NamedTuple):
 
 
 ATTN_CHOICES = ("triton", "sdpa", "flash", "cudnn", "efficient")
-GEMM_CHOICES = ("auto", "cublas", "gelu", "gelu_tma", "gelu_pers", "triton", "triton_tma")
+GEMM_CHOICES = ("cublas", "gelu", "gelu_tma", "gelu_pers", "triton", "triton_tma")
 
-
-def _auto_gemm(device: torch.device) -> str:
-    """``gemm="auto"``: the persistent GELU GEMM on Hopper (sm_90, where it was measured),
-    cuBLAS elsewhere."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-        try:
-            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-        except ImportError:  # an older Triton: no host-side TMA descriptors
-            return "cublas"
         return "gelu_pers"
     return "cublas"
 #: ``TURBOPART_DECODER``: "auto" (fused on CUDA for bf16-stored weights, i.e. ``fast``
@@ -440,7 +432,7 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     b = k.shape[0]
     width = w.cq_w.shape[0]
     glue = opts.glue
-    gm = opts.gemm if opts.gemm != "auto" else _auto_gemm(pts.device)
+    gm = opts.gemm
     mode = gm.rpartition("_")[2] if gm.endswith(("_tma", "_pers")) else "ptr"
     all_triton = gm in ("triton", "triton_tma")
     gelu_triton = gm != "cublas"
