@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -168,16 +167,8 @@ def attn_lab(q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, qw_ptr, qb_ptr, n_q,
     rmask = rows < n_q
     rows64 = rows.to(tl.int64)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + rows64[:, None] * stride_qm + h * D + d[None, :],
-                mask=rmask[:, None], other=0.0)
-    qf = q.to(tl.float32)
-    mean = tl.sum(qf, 1) / D
-    qc = qf - mean[:, None]
-    var = tl.sum(qc * qc, 1) / D
-    rstd = tl.math.rsqrt(var + eps)
-    qw = tl.load(qw_ptr + d)
-    qb = tl.load(qb_ptr + d)
-    q = (qc * rstd[:, None] * qw[None, :] + qb[None, :]).to(k_ptr.dtype.element_ty)
+    q = kern._q_tile(q_ptr + b * stride_qb + h * D, qw_ptr, qb_ptr, rows64, rmask, d, stride_qm,
+                     eps, D, True, k_ptr.dtype.element_ty)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
@@ -342,12 +333,7 @@ def run_all(args, dev, report, table, W, Hd, T, D, rows):
         overlap(args, dev, report, table, W, Hd, T, D, rows)
     if "attn" in args.only:
         p = args.parts
-        nq = rows // p
-        q = torch.randn(p * nq, W, device=dev).bfloat16()
-        k = torch.randn(p, Hd, T, D, device=dev).bfloat16()
-        v = torch.randn(p, Hd, T, D, device=dev).bfloat16()
-        qn_w = 1 + 0.1 * torch.randn(D, device=dev)
-        qn_b = 0.1 * torch.randn(D, device=dev)
+        q, k, v, qn_w, qn_b, nq = attention_inputs(args, dev, W, Hd, T, D, rows)
         eps = 1e-6
         ref = kern.attention(q, k, v, qn_w, qn_b, eps, nq)
         flop = 4 * p * nq * Hd * T * D
@@ -473,15 +459,19 @@ def front_lab(args, dev, report, table, W, rows):
                           f"{list(kern.disabled())}"))
 
 
-def overlap(args, dev, report, table, W, Hd, T, D, rows):
-    """Pairs of decoder kernels on two streams at once against one after the other."""
+def attention_inputs(args, dev, W, Hd, T, D, rows):
+    """Random queries [parts·nq, W], keys/values [parts, Hd, T, D] and q_norm weights."""
     p = args.parts
     nq = rows // p
     q = torch.randn(p * nq, W, device=dev).bfloat16()
     k = torch.randn(p, Hd, T, D, device=dev).bfloat16()
     v = torch.randn(p, Hd, T, D, device=dev).bfloat16()
-    qn_w = 1 + 0.1 * torch.randn(D, device=dev)
-    qn_b = 0.1 * torch.randn(D, device=dev)
+    return q, k, v, 1 + 0.1 * torch.randn(D, device=dev), 0.1 * torch.randn(D, device=dev), nq
+
+
+def overlap(args, dev, report, table, W, Hd, T, D, rows):
+    """Pairs of decoder kernels on two streams at once against one after the other."""
+    q, k, v, qn_w, qn_b, nq = attention_inputs(args, dev, W, Hd, T, D, rows)
     hid = torch.randn(rows, 4 * W, device=dev).bfloat16()
     x = torch.randn(rows, W, device=dev).bfloat16()
     y = torch.randn(rows, W, device=dev).bfloat16()

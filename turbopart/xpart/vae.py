@@ -367,9 +367,9 @@ class FusedOptions(NamedTuple):
     "gelu_tma" / "gelu_pers" (c_fc as a Triton GEMM with the bias + exact GELU epilogue:
     pointer loads, TMA loads, or TMA loads in a persistent kernel; the rest cuBLAS;
     "gelu_pers" is 8 % faster than cuBLAS + GELU for that layer and 2–3 % for the whole
-    query benchmark, but made no measurable difference to the pipeline's decoding: see
-    BENCHMARKS.md), "triton" / "triton_tma" (all four 1024-wide Linears in Triton, residual adds
-    in the c_proj epilogues).
+    query benchmark, ≈1 % for the pipeline's decoding: see BENCHMARKS.md), "triton" /
+    "triton_tma" (all four 1024-wide Linears in Triton, residual adds in the c_proj
+    epilogues).
     ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
     PyTorch ops, for checks).
     """
@@ -394,9 +394,6 @@ class FusedOptions(NamedTuple):
 
 ATTN_CHOICES = ("triton", "sdpa", "flash", "cudnn", "efficient")
 GEMM_CHOICES = ("cublas", "gelu", "gelu_tma", "gelu_pers", "triton", "triton_tma")
-
-        return "gelu_pers"
-    return "cublas"
 #: ``TURBOPART_DECODER``: "auto" (fused on CUDA for bf16-stored weights, i.e. ``fast``
 #: numerics; eager otherwise), "eager" (the official op sequence), "fused", "compile".
 DECODER_MODES = ("auto", "eager", "fused", "compile")

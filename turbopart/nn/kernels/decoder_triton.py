@@ -194,6 +194,24 @@ if triton is not None:
         tl.store(row + (pad + js)[None, :], tl.zeros([BM, JS], dt),
                  mask=m & ((pad + js) < KW)[None, :])
 
+    @triton.jit
+    def _q_tile(q_ptr, qw_ptr, qb_ptr, rows64, rmask, d, stride_qm, eps, D: tl.constexpr,
+                QNORM: tl.constexpr, out_dtype: tl.constexpr):
+        """Rows ``rows64`` of one head's queries (``q_ptr`` at the part's head), through the
+        head-wise q_norm LayerNorm (fp32, rounded to ``out_dtype``) when QNORM."""
+        q = tl.load(q_ptr + rows64[:, None] * stride_qm + d[None, :], mask=rmask[:, None],
+                    other=0.0)
+        if QNORM:
+            qf = q.to(tl.float32)
+            mean = tl.sum(qf, 1) / D
+            qc = qf - mean[:, None]
+            var = tl.sum(qc * qc, 1) / D
+            rstd = tl.math.rsqrt(var + eps)
+            qw = tl.load(qw_ptr + d)
+            qb = tl.load(qb_ptr + d)
+            q = (qc * rstd[:, None] * qw[None, :] + qb[None, :]).to(out_dtype)
+        return q
+
     @triton.jit(do_not_specialize=["n_q"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, qb_ptr, n_q,
                      stride_qb, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -209,17 +227,8 @@ if triton is not None:
         rmask = rows < n_q
         rows64 = rows.to(tl.int64)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + rows64[:, None] * stride_qm + h * D + d[None, :],
-                    mask=rmask[:, None], other=0.0)
-        if QNORM:
-            qf = q.to(tl.float32)
-            mean = tl.sum(qf, 1) / D
-            qc = qf - mean[:, None]
-            var = tl.sum(qc * qc, 1) / D
-            rstd = tl.math.rsqrt(var + eps)
-            qw = tl.load(qw_ptr + d)
-            qb = tl.load(qb_ptr + d)
-            q = (qc * rstd[:, None] * qw[None, :] + qb[None, :]).to(k_ptr.dtype.element_ty)
+        q = _q_tile(q_ptr + b * stride_qb + h * D, qw_ptr, qb_ptr, rows64, rmask, d, stride_qm,
+                    eps, D, QNORM, k_ptr.dtype.element_ty)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -663,8 +672,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
     m, k = x.shape
     n = w.shape[0]
     cfg = config or gemm_config(n, k, mode)
-    ok = (mode in ("ptr", "tma", "pers") and available(x) and x.dtype in _HALF and w.dtype == x.dtype
-          and x.is_contiguous() and w.is_contiguous() and n % cfg.bn == 0 and k % cfg.bk == 0
+    ok = (mode in ("ptr", "tma", "pers") and available(x) and x.dtype in _HALF
+          and w.dtype == x.dtype and x.is_contiguous() and w.is_contiguous() and n % cfg.bn == 0 and k % cfg.bk == 0
           and (b is None or b.dtype == x.dtype)
           and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype
                                     and m % residual.shape[0] == 0)))
