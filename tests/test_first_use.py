@@ -28,3 +28,5 @@ def test_thread_finishes_on_cuda():
     assert t is not None
     t.join(120)
     assert not t.is_alive()
+    from turbopart.nn.kernels import decoder_triton as kern
+    assert "fourier" not in kern.disabled()

@@ -8,7 +8,11 @@ stream in, when the CPU and the GPU are mostly idle:
 * Triton's once-per-process key: a hash of its own sources and libraries (0.36 s), and the
   import of its compiler modules;
 * the first use of cuBLAS and of the attention kernels (library and kernel loading), with
-  tiny products and one tiny attention in each 16-bit dtype, on a stream of its own.
+  tiny products and one tiny attention in each 16-bit dtype, on a stream of its own;
+* the geometry decoder's query-point Fourier kernel for fp16 (coarse grid) and fp64 (fine
+  levels) points, compiled or loaded from Triton's disk cache: the fp64 variant is first
+  needed half-way through the first decode, where its compile cost ≈1 s on a machine's
+  first full-resolution run (the official decoder's 8 frequencies and 56-wide operand).
 
 :func:`start` launches a daemon thread and returns at once; everything it does is a warm-up
 whose failure changes nothing (errors are swallowed).  ``TURBOPART_FIRST_USE=0`` switches
@@ -48,6 +52,20 @@ def _cuda(device: torch.device) -> None:
     stream.synchronize()
 
 
+def _decoder_kernels(device: torch.device) -> None:
+    from ..nn.fourier import fourier_frequencies
+    from ..nn.kernels import decoder_triton as kern
+    if not kern.available(torch.empty(0, device=device)):
+        return
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
+        fr = fourier_frequencies(8, False, device=device)
+        for dt in (torch.float16, torch.float64):
+            pts = torch.zeros(64, 3, device=device, dtype=dt)
+            kern.fourier_rows(pts, fr, True, torch.bfloat16, torch.bfloat16, 56)
+    stream.synchronize()
+
+
 def _work(device: torch.device) -> None:
     try:
         if device.type == "cuda":
@@ -55,6 +73,11 @@ def _work(device: torch.device) -> None:
     except Exception:  # noqa: BLE001 - a warm-up never fails the command
         pass
     _triton()
+    try:
+        if device.type == "cuda":
+            _decoder_kernels(device)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def start(device: torch.device | str) -> threading.Thread | None:
