@@ -27,6 +27,7 @@ per machine; Triton's disk cache serves later processes).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -82,6 +83,13 @@ def _pow2(n: int) -> bool:
 # --------------------------------------------------------------------------- kernels
 
 if triton is not None:
+
+    #: The Fourier kernel reads the points with scalar loads: a chunk of points sliced at
+    #: any offset takes the same compiled kernel (Triton otherwise compiles a second one
+    #: for 16-byte-misaligned pointers, mid-decode).  Older Triton builds lack the option.
+    _NO_ALIGN_P = ({"do_not_specialize_on_alignment": ["p_ptr"]}
+                   if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+                   else {})
 
     @triton.jit(do_not_specialize=["n_rows", "a_rows"])
     def _ln_rows_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, x_ptr, y_ptr, n_rows, a_rows, eps,
@@ -160,7 +168,7 @@ if triton is not None:
             v = tl.sin(prod)
         return tl.where(live[None, :], v.to(tl.float32), 0.0).to(dt)
 
-    @triton.jit(do_not_specialize=["n_rows"])
+    @triton.jit(do_not_specialize=["n_rows"], **_NO_ALIGN_P)
     def _fourier_kernel(p_ptr, fr_ptr, f_ptr, n_rows, NF: tl.constexpr, X0: tl.constexpr,
                         JS: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
                         F64: tl.constexpr):
@@ -673,7 +681,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
     n = w.shape[0]
     cfg = config or gemm_config(n, k, mode)
     ok = (mode in ("ptr", "tma", "pers") and available(x) and x.dtype in _HALF
-          and w.dtype == x.dtype and x.is_contiguous() and w.is_contiguous() and n % cfg.bn == 0 and k % cfg.bk == 0
+          and w.dtype == x.dtype and x.is_contiguous() and w.is_contiguous()
+          and n % cfg.bn == 0 and k % cfg.bk == 0
           and (b is None or b.dtype == x.dtype)
           and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype
                                     and m % residual.shape[0] == 0)))
