@@ -91,6 +91,15 @@ if triton is not None:
                    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
                    else {})
 
+    @triton.jit
+    def _ln_affine(xf, w_ptr, b_ptr, c, eps, N: tl.constexpr):
+        """LayerNorm over the N columns of fp32 rows ``xf``: two-pass mean and centred
+        variance, then ``w`` and ``b`` (read at columns ``c``), in fp32."""
+        mean = tl.sum(xf, 1) / N
+        xc = xf - mean[:, None]
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, 1) / N + eps)
+        return xc * rstd[:, None] * tl.load(w_ptr + c)[None, :] + tl.load(b_ptr + c)[None, :]
+
     @triton.jit(do_not_specialize=["n_rows", "a_rows"])
     def _ln_rows_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, x_ptr, y_ptr, n_rows, a_rows, eps,
                         N: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr,
@@ -109,13 +118,7 @@ if triton is not None:
         if STORE_X:
             tl.store(x_ptr + r64[:, None] * N + c[None, :], x, mask=rmask[:, None])
         xf = x.to(tl.float32)
-        mean = tl.sum(xf, 1) / N
-        xc = xf - mean[:, None]
-        var = tl.sum(xc * xc, 1) / N
-        rstd = tl.math.rsqrt(var + eps)
-        w = tl.load(w_ptr + c)
-        bb = tl.load(bias_ptr + c)
-        y = xc * rstd[:, None] * w[None, :] + bb[None, :]
+        y = _ln_affine(xf, w_ptr, bias_ptr, c, eps, N)
         tl.store(y_ptr + r64[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None])
 
@@ -136,13 +139,7 @@ if triton is not None:
             x = (x.to(tl.float32) + b.to(tl.float32)).to(a_ptr.dtype.element_ty)
         xf = x.to(tl.float32)
         if HAS_LN:
-            mean = tl.sum(xf, 1) / N
-            xc = xf - mean[:, None]
-            var = tl.sum(xc * xc, 1) / N
-            rstd = tl.math.rsqrt(var + eps)
-            w = tl.load(w_ptr + c)
-            bb = tl.load(bias_ptr + c)
-            xf = (xc * rstd[:, None] * w[None, :] + bb[None, :]).to(a_ptr.dtype.element_ty)
+            xf = _ln_affine(xf, w_ptr, bias_ptr, c, eps, N).to(a_ptr.dtype.element_ty)
             xf = xf.to(tl.float32)
         ow = tl.load(ow_ptr + c).to(tl.float32)
         logit = tl.sum(xf * ow[None, :], 1) + tl.load(ob_ptr).to(tl.float32)
@@ -210,14 +207,7 @@ if triton is not None:
         q = tl.load(q_ptr + rows64[:, None] * stride_qm + d[None, :], mask=rmask[:, None],
                     other=0.0)
         if QNORM:
-            qf = q.to(tl.float32)
-            mean = tl.sum(qf, 1) / D
-            qc = qf - mean[:, None]
-            var = tl.sum(qc * qc, 1) / D
-            rstd = tl.math.rsqrt(var + eps)
-            qw = tl.load(qw_ptr + d)
-            qb = tl.load(qb_ptr + d)
-            q = (qc * rstd[:, None] * qw[None, :] + qb[None, :]).to(out_dtype)
+            q = _ln_affine(q.to(tl.float32), qw_ptr, qb_ptr, d, eps, D).to(out_dtype)
         return q
 
     @triton.jit(do_not_specialize=["n_q"])
