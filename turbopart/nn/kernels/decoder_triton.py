@@ -100,13 +100,12 @@ if triton is not None:
         rstd = tl.math.rsqrt(tl.sum(xc * xc, 1) / N + eps)
         return xc * rstd[:, None] * tl.load(w_ptr + c)[None, :] + tl.load(b_ptr + c)[None, :]
 
-    @triton.jit(do_not_specialize=["n_rows", "a_rows"])
-    def _ln_rows_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, x_ptr, y_ptr, n_rows, a_rows, eps,
-                        N: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr,
-                        STORE_X: tl.constexpr):
-        """y = bf16(LN(x)), x = a (+ b, rounded to the storage dtype); row r reads a[r % a_rows]."""
-        pid = tl.program_id(0)
-        r = pid * ROWS + tl.arange(0, ROWS)
+    @triton.jit
+    def _added_rows(a_ptr, b_ptr, n_rows, a_rows, N: tl.constexpr, ROWS: tl.constexpr,
+                    HAS_B: tl.constexpr):
+        """This program's ROWS rows of ``x = a (+ b)`` in the storage dtype (row r reads
+        a[r % a_rows]): (int64 row index, row mask, column index, x)."""
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rmask = r < n_rows
         c = tl.arange(0, N)
         r64 = r.to(tl.int64)
@@ -114,7 +113,15 @@ if triton is not None:
         x = tl.load(a_ptr + ra[:, None] * N + c[None, :], mask=rmask[:, None], other=0.0)
         if HAS_B:
             b = tl.load(b_ptr + r64[:, None] * N + c[None, :], mask=rmask[:, None], other=0.0)
-            x = (x.to(tl.float32) + b.to(tl.float32)).to(y_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) + b.to(tl.float32)).to(a_ptr.dtype.element_ty)
+        return r64, rmask, c, x
+
+    @triton.jit(do_not_specialize=["n_rows", "a_rows"])
+    def _ln_rows_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, x_ptr, y_ptr, n_rows, a_rows, eps,
+                        N: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr,
+                        STORE_X: tl.constexpr):
+        """y = bf16(LN(x)), x = a (+ b, rounded to the storage dtype); row r reads a[r % a_rows]."""
+        r64, rmask, c, x = _added_rows(a_ptr, b_ptr, n_rows, a_rows, N, ROWS, HAS_B)
         if STORE_X:
             tl.store(x_ptr + r64[:, None] * N + c[None, :], x, mask=rmask[:, None])
         xf = x.to(tl.float32)
@@ -127,16 +134,7 @@ if triton is not None:
                        eps, N: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr,
                        HAS_LN: tl.constexpr):
         """logit = bf16(bf16(LN(x)) · ow + ob), x = bf16(a + b) (a row r reads a[r % a_rows])."""
-        pid = tl.program_id(0)
-        r = pid * ROWS + tl.arange(0, ROWS)
-        rmask = r < n_rows
-        c = tl.arange(0, N)
-        r64 = r.to(tl.int64)
-        ra = (r % a_rows).to(tl.int64)
-        x = tl.load(a_ptr + ra[:, None] * N + c[None, :], mask=rmask[:, None], other=0.0)
-        if HAS_B:
-            b = tl.load(b_ptr + r64[:, None] * N + c[None, :], mask=rmask[:, None], other=0.0)
-            x = (x.to(tl.float32) + b.to(tl.float32)).to(a_ptr.dtype.element_ty)
+        r64, rmask, c, x = _added_rows(a_ptr, b_ptr, n_rows, a_rows, N, ROWS, HAS_B)
         xf = x.to(tl.float32)
         if HAS_LN:
             xf = _ln_affine(xf, w_ptr, bias_ptr, c, eps, N).to(a_ptr.dtype.element_ty)
