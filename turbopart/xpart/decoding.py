@@ -291,45 +291,52 @@ def _coarse_level(query_fn: QueryFn, parts: list, r0: int, *, device, chunk: int
     return out.view(b, d0, d0, d0)
 
 
-def _refine_part(query_fn: QueryFn, part, grid: torch.Tensor, ladder: list[int], *,
-                 chunk: int, bounds: float, level: float, fine_dtype: torch.dtype,
-                 dilate_max_resolution: int, on_queries, timer: _Timer
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The finer levels of one part from its coarse grid [d, d, d]: (grid, mask, counts)."""
-    device = grid.device
-    g = grid.unsqueeze(0)
-    counts: list[int] = []
-    fine = None
-    for li, r in enumerate(ladder[1:], start=1):
-        last = li == len(ladder) - 1
-        size = r + 1
-        step = float(_extent(bounds) / r)  # official: numpy (max - min) / R in float64
-        mark = near_surface_mark(g, r, level)
-        if r <= dilate_max_resolution:  # official: no coarse dilation above 510
-            mark = dilate3(mark)
-        fine = fine_index(mark, size)[0]
-        del mark
-        plane_counts = fine.sum(dim=(1, 2)).cpu().tolist()  # the one sync of the level
-        timer(f"marks {r}")
-        new = torch.full((size, size, size), float("nan") if last else INVALID,
-                         dtype=torch.float16, device=device)
+class _Level:
+    """One part's queries at one finer level: the boolean index of the fine vertices to
+    evaluate and its set count per first-axis plane (host integers once known)."""
+
+    def __init__(self, grid: torch.Tensor, r: int, last: bool, level: float, dilate: bool):
+        from .refine_triton import refine_index  # Triton is imported on first use
+        self.r, self.last = r, last
+        self.fine, planes = refine_index(grid, r, level, dilate)
+        self.plane_counts: list[int] | None = None
+        self._planes = planes
+        self._event = None
+        if planes.is_cuda:  # copy the counts to the host behind the queued work
+            host = torch.empty(planes.shape, dtype=planes.dtype, pin_memory=True)
+            host.copy_(planes, non_blocking=True)
+            self._planes = host
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def counts(self) -> list[int]:
+        """The per-plane counts (waits for the marks, not for work queued after them)."""
+        if self.plane_counts is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self.plane_counts = self._planes.tolist()
+        return self.plane_counts
+
+    def run(self, query_fn: QueryFn, part, *, chunk: int, bounds: float,
+            fine_dtype: torch.dtype, on_queries) -> tuple[torch.Tensor, int]:
+        """Queue the level's queries: its grid ``[R+1]³`` float16 (NaN / INVALID where not
+        evaluated) and the number of queries."""
+        size = self.r + 1
+        step = float(_extent(bounds) / self.r)  # official: numpy (max - min) / R in float64
+        new = torch.full((size, size, size), float("nan") if self.last else INVALID,
+                         dtype=torch.float16, device=self.fine.device)
         new_flat = new.view(-1)
         plane = size * size
         n_level = 0
-        for a, e, n in _plan_slabs(plane_counts, plane, chunk):
-            lin = _nonzero_flat(fine[a:e], n) + a * plane
+        for a, e, n in _plan_slabs(self.counts(), plane, chunk):
+            lin = _nonzero_flat(self.fine[a:e], n) + a * plane
             q = _fine_points(lin, size, step, bounds, fine_dtype)
             logits = query_fn(q.unsqueeze(0), [part])
             new_flat.index_copy_(0, lin, logits.reshape(-1).to(torch.float16))
             n_level += n
             if on_queries is not None:
                 on_queries(n)
-        timer(f"queries {r}")
-        counts.append(n_level)
-        g = new.unsqueeze(0)
-        if not last:
-            fine = None
-    return g[0], fine, counts
+        return new, n_level
 
 
 def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int = 512, *,
@@ -344,10 +351,15 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
 
     The coarse level runs for all parts together (one shared query set; ``[B, 129³]`` fp16
     is all it keeps), then each part's finer levels run and the part is yielded before the
-    next one starts, so only one part's fine grids (fp16 513³ + bool mask, ~0.4 GB at 512)
-    are alive at a time: a consumer that meshes each part as it arrives needs no groups.
+    next one starts its last levels, so at most one part's fine grids (fp16 513³ + bool
+    mask, ~0.4 GB at 512) and the next part's first refined level are alive at a time: a
+    consumer that meshes each part as it arrives needs no groups.  The host waits only for
+    the per-plane query counts of each level: the first refined level's counts of all
+    parts are read at once, and the next part's first refined level is queued before the
+    host waits for a part's deeper counts, so the GPU does not idle across that wait.
     Same query sets, grids and masks as :func:`decode_volumes`.  ``stats``: when given,
-    synchronised seconds per phase are added to it ("coarse", "marks R", "queries R").
+    synchronised seconds per phase are added to it ("coarse", "marks", "queries R"; the
+    waits then synchronise too, so the overlap is lost while measuring).
     """
     device = torch.device(device)
     parts = list(parts)
@@ -360,15 +372,37 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
                           bounds=bounds, on_queries=on_queries)
     timer("coarse")
     n0 = (ladder[0] + 1) ** 3
-    for bi, part in enumerate(parts):
-        if len(ladder) == 1:
+    if len(ladder) == 1:
+        for bi, part in enumerate(parts):
             yield PartVolume(part, bi, ladder[-1], ladder, grids[bi], None, [n0])
-            continue
-        grid, mask, counts = _refine_part(
-            query_fn, part, grids[bi], ladder, chunk=chunk, bounds=bounds, level=level,
-            fine_dtype=fine_dtype, dilate_max_resolution=dilate_max_resolution,
-            on_queries=on_queries, timer=timer)
-        yield PartVolume(part, bi, ladder[-1], ladder, grid, mask, [n0] + counts)
+        return
+    run = dict(chunk=chunk, bounds=bounds, fine_dtype=fine_dtype, on_queries=on_queries)
+
+    def refine(grid, li):
+        r = ladder[li]
+        return _Level(grid, r, li == len(ladder) - 1, level, r <= dilate_max_resolution)
+    firsts = [refine(grids[bi], 1) for bi in range(len(parts))]
+    for lv in firsts:
+        lv.counts()
+    timer("marks")
+    queued: tuple[torch.Tensor, int] | None = None  # this part's first level, run ahead
+    for bi, part in enumerate(parts):
+        lv = firsts[bi]
+        g, n = queued if queued is not None else lv.run(query_fn, part, **run)
+        queued = None
+        counts = [n]
+        for li in range(2, len(ladder)):
+            nxt = refine(g, li)
+            if queued is None and bi + 1 < len(parts):
+                queued = firsts[bi + 1].run(query_fn, parts[bi + 1], **run)
+                firsts[bi + 1] = None
+            lv, g = nxt, None
+            g, n = lv.run(query_fn, part, **run)
+            counts.append(n)
+        timer(f"queries {ladder[-1]}")
+        firsts[bi] = None
+        yield PartVolume(part, bi, ladder[-1], ladder, g, lv.fine if lv.last else None,
+                         [n0] + counts)
 
 
 def decode_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int = 512, *,
