@@ -360,3 +360,22 @@ def test_refine_kernels_on_cuda_match_torch_ops():
         ref, ref_counts = _refine_reference(grid, r, dilate)
         assert torch.equal(fine, ref) and torch.equal(counts, ref_counts), (grid.shape, r)
     assert not R._FAILED, R._FAILED
+
+
+@needs_gpu
+def test_refine_warm_up_covers_the_octree_512_ladder():
+    """After ``warm_up`` the decode compiles nothing: not for a part's grid sliced at a
+    misaligned offset of the all-parts coarse grid either."""
+    from turbopart.xpart import refine_triton as R
+    R.warm_up("cuda")
+
+    def compiled():
+        return sum(len(c[0]) for k in (R._mark_kernel, R._spread_kernel)
+                   for c in k.device_caches.values())
+    before = compiled()
+    coarse = torch.zeros(3, 129, 129, 129, dtype=torch.float16, device="cuda")
+    R.refine_index(coarse[1], 256, dec.MC_LEVEL, True)
+    R.refine_index(torch.zeros(257, 257, 257, dtype=torch.float16, device="cuda"), 512,
+                   dec.MC_LEVEL, False)
+    torch.cuda.synchronize()
+    assert compiled() == before and not R._FAILED

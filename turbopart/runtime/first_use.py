@@ -52,7 +52,9 @@ def _cuda(device: torch.device) -> None:
     stream.synchronize()
 
 
-def _decoder_kernels(device: torch.device) -> None:
+def decoder_kernels(device: torch.device) -> None:
+    """Compile the geometry decoder's Triton kernels (Fourier operand for fp16 / fp32 /
+    fp64 points, the refinement kernels of the octree-512 ladder) on a side stream."""
     from ..nn.fourier import fourier_frequencies
     from ..nn.kernels import decoder_triton as kern
     if not kern.available(torch.empty(0, device=device)):
@@ -60,10 +62,12 @@ def _decoder_kernels(device: torch.device) -> None:
     stream = torch.cuda.Stream(device)
     with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
         fr = fourier_frequencies(8, False, device=device)
-        for dt in (torch.float16, torch.float64):
+        for dt in (torch.float16, torch.float32, torch.float64):  # coarse, fast, exact
             pts = torch.zeros(64, 3, device=device, dtype=dt)
             kern.fourier_rows(pts, fr, True, torch.bfloat16, torch.bfloat16, 56)
     stream.synchronize()
+    from ..xpart import refine_triton
+    refine_triton.warm_up(device)
 
 
 def _work(device: torch.device) -> None:
@@ -75,7 +79,7 @@ def _work(device: torch.device) -> None:
     _triton()
     try:
         if device.type == "cuda":
-            _decoder_kernels(device)
+            decoder_kernels(device)
     except Exception:  # noqa: BLE001
         pass
 

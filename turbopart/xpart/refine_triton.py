@@ -57,7 +57,10 @@ if triton is not None:
         vq, sq = _valid_sign(raw, level, invalid_test)
         return vp & vq & there & (sp != sq)
 
-    @triton.jit(do_not_specialize=["d"])
+    from ..nn.kernels.decoder_triton import no_align
+
+    #: a part's grid is a slice of the all-parts coarse grid, at any byte offset
+    @triton.jit(do_not_specialize=["d"], **no_align("g_ptr"))
     def _mark_kernel(g_ptr, m_ptr, d, level, band, invalid_test, BLOCK: tl.constexpr):
         row = tl.program_id(0)                    # i · D + j
         i = row // d
@@ -124,6 +127,27 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _spread_tiles(c: int) -> tuple[int, int]:
+    """(ROWS, CB) of :func:`spread` for a coarse size ``c``."""
+    cb = _block(c)
+    return max(1, min(8, 4096 // (2 * cb))), cb
+
+
+def warm_up(device: torch.device | str, coarse_sizes=(129, 257)) -> None:
+    """Compile the kernels for grids of ``coarse_sizes`` (the default ladder at octree 512:
+    129³ → 257³ → 513³) without running them, so no compile lands inside a decode."""
+    if triton is None:
+        return
+    h = torch.empty(16, dtype=torch.float16, device=device)
+    u = torch.empty(16, dtype=torch.uint8, device=device)
+    n = torch.empty(16, dtype=torch.int32, device=device)
+    for c in coarse_sizes:
+        _mark_kernel.warmup(h, u, c, 0.0, 0.0, 0.0, BLOCK=_block(c), num_warps=4, grid=(1,))
+        rows, cb = _spread_tiles(c)
+        _spread_kernel.warmup(u, u, n, c, 2 * c - 1, ROWS=rows, CB=cb, num_warps=4,
+                              grid=(1,))
+
+
 def mark(grid: torch.Tensor, resolution: int, level: float) -> torch.Tensor:
     """``near_surface_mark(grid[None], resolution, level)[0]`` for one contiguous fp16 grid
     ``[D, D, D]`` (Triton)."""
@@ -145,8 +169,7 @@ def spread(coarse_mark: torch.Tensor, fine_size: int) -> tuple[torch.Tensor, tor
     counts = torch.zeros(f, dtype=torch.int32, device=coarse_mark.device)
     if f > 2 * c:
         raise ValueError(f"fine size {f} > 2 × coarse size {c}")
-    cb = _block(c)
-    rows = max(1, min(8, 4096 // (2 * cb)))
+    rows, cb = _spread_tiles(c)
     _spread_kernel[(f * triton.cdiv(f, rows),)](
         coarse_mark.view(torch.uint8), out.view(torch.uint8), counts, c, f, ROWS=rows, CB=cb,
         num_warps=4)

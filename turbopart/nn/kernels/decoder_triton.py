@@ -84,12 +84,16 @@ def _pow2(n: int) -> bool:
 
 if triton is not None:
 
-    #: The Fourier kernel reads the points with scalar loads: a chunk of points sliced at
-    #: any offset takes the same compiled kernel (Triton otherwise compiles a second one
-    #: for 16-byte-misaligned pointers, mid-decode).  Older Triton builds lack the option.
-    _NO_ALIGN_P = ({"do_not_specialize_on_alignment": ["p_ptr"]}
-                   if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
-                   else {})
+    def no_align(*names: str) -> dict:
+        """``triton.jit`` options that keep pointer arguments ``names`` from being
+        specialised on 16-byte alignment, so tensors sliced at any offset take the same
+        compiled kernel (Triton otherwise compiles a second one for misaligned pointers,
+        mid-decode).  Older Triton builds lack the option: no options then."""
+        ok = "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+        return {"do_not_specialize_on_alignment": list(names)} if ok else {}
+
+    #: The Fourier kernel reads the points with scalar loads (see :func:`no_align`).
+    _NO_ALIGN_P = no_align("p_ptr")
 
     @triton.jit
     def _ln_affine(xf, w_ptr, b_ptr, c, eps, N: tl.constexpr):
