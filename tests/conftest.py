@@ -1,7 +1,10 @@
 """Shared test fixtures: the ../shared folder (golden cases, meshes), GPU skips."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,22 @@ MESHES = SHARED / "meshes" if SHARED else None
 needs_shared = pytest.mark.skipif(
     SHARED is None, reason="needs ../shared (golden cases and meshes); set TURBOPART_SHARED")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="needs triton (its CPU interpreter)")
+
+
+def run_in_triton_interpreter(script: str, timeout: int = 900) -> None:
+    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (Triton kernels on
+    CPU tensors; the repo and tests/ importable, no TURBOPART_DECODER* overrides) and
+    assert it exits 0 after printing "ok"."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    for key in [k for k in env if k.startswith("TURBOPART_DECODER")]:
+        env.pop(key)
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
 def case_path(name: str) -> Path:

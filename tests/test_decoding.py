@@ -3,18 +3,12 @@
 positive inside)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_gpu
+from conftest import needs_gpu, needs_triton, run_in_triton_interpreter
 from turbopart.xpart import decoding as dec
 
 
@@ -339,16 +333,10 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_triton
 def test_refine_kernels_in_interpreter():
     """The mark / spread kernels give the PyTorch ops' boolean index and plane counts."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", _REFINE_SCRIPT], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(_REFINE_SCRIPT, timeout=600)
 
 
 @needs_gpu

@@ -1,11 +1,7 @@
 """P3-SAM network: official layout, split (fast) formulation == official formulation, golden."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +12,8 @@ from turbopart.p3sam import predictor as predictor_mod
 from turbopart.p3sam.model import P3SAM, P3SAMConfig, build, tiny_config
 from turbopart.p3sam.predictor import P3SAMPredictor
 
-from conftest import MANIFESTS, REPO, case_path, needs_gpu, needs_shared
+from conftest import (MANIFESTS, case_path, needs_gpu, needs_shared, needs_triton,
+                      run_in_triton_interpreter)
 
 
 def _tiny_model(seed: int = 0, feat_dim: int = 32, s2_dim: int = 16) -> P3SAM:
@@ -284,15 +281,10 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_triton
 def test_triton_kernel_logic_in_interpreter():
     """The fused kernel's tiling, masking, rank-3 terms and atomic max, on the CPU."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(_INTERPRET_SCRIPT, timeout=600)
 
 
 @needs_gpu
@@ -340,15 +332,10 @@ _HALF_INTERPRET_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_triton
 def test_half_kernel_logic_in_interpreter():
     """The packed 16-bit kernel (fp16): tiling, both logit layers, rank-3 terms, max heads."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", _HALF_INTERPRET_SCRIPT], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(_HALF_INTERPRET_SCRIPT, timeout=600)
 
 
 def test_heads_variant_option(monkeypatch):

@@ -1,19 +1,14 @@
 """ShapeVAE: layout, golden parity, Fourier embedding, encoder sampling, the fast query API."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import MANIFESTS, case_path, needs_gpu
+from conftest import MANIFESTS, case_path, needs_gpu, needs_triton, run_in_triton_interpreter
 from turbopart import weights
 from turbopart.nn.fourier import FourierEmbedder, fourier_features, fourier_frequencies
 from turbopart.xpart import vae as vae_mod
@@ -435,18 +430,10 @@ _KERNEL_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_triton
 def test_decoder_kernels_in_interpreter():
     """Tiling, masks, broadcast rows, epilogues and the fused decoder, on the CPU."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    for key in [k for k in env if k.startswith("TURBOPART_DECODER")]:
-        env.pop(key)
-    res = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(_KERNEL_SCRIPT)
 
 
 @needs_gpu
