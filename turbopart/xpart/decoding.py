@@ -385,22 +385,20 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
     for lv in firsts:
         lv.counts()
     timer("marks")
-    queued: tuple[torch.Tensor, int] | None = None  # this part's first level, run ahead
+    queued = None  # (grid, queries) of this part's first level, run ahead
     for bi, part in enumerate(parts):
-        lv = firsts[bi]
-        g, n = queued if queued is not None else lv.run(query_fn, part, **run)
+        lv, firsts[bi] = firsts[bi], None
+        g, n = queued or lv.run(query_fn, part, **run)
         queued = None
         counts = [n]
         for li in range(2, len(ladder)):
-            nxt = refine(g, li)
-            if queued is None and bi + 1 < len(parts):
+            lv = refine(g, li)
+            del g  # freed before the level's grid is allocated
+            if li == 2 and bi + 1 < len(parts):  # keeps the GPU busy over lv's wait
                 queued = firsts[bi + 1].run(query_fn, parts[bi + 1], **run)
-                firsts[bi + 1] = None
-            lv, g = nxt, None
             g, n = lv.run(query_fn, part, **run)
             counts.append(n)
         timer(f"queries {ladder[-1]}")
-        firsts[bi] = None
         yield PartVolume(part, bi, ladder[-1], ladder, g, lv.fine if lv.last else None,
                          [n0] + counts)
 

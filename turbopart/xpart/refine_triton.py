@@ -21,10 +21,10 @@ tensor either way.  ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (test
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
+
+from . import decoding as dec
+from ..nn.kernels import decoder_triton as kern
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -32,14 +32,6 @@ try:  # pragma: no cover - depends on the environment
 except Exception:  # noqa: BLE001
     triton = None
     tl = None
-
-_FAILED: dict[str, str] = {}
-
-
-def _usable(t: torch.Tensor) -> bool:
-    return (triton is not None and "refine" not in _FAILED
-            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
-
 
 if triton is not None:
 
@@ -57,10 +49,8 @@ if triton is not None:
         vq, sq = _valid_sign(raw, level, invalid_test)
         return vp & vq & there & (sp != sq)
 
-    from ..nn.kernels.decoder_triton import no_align
-
     #: a part's grid is a slice of the all-parts coarse grid, at any byte offset
-    @triton.jit(do_not_specialize=["d"], **no_align("g_ptr"))
+    @triton.jit(do_not_specialize=["d"], **kern.no_align("g_ptr"))
     def _mark_kernel(g_ptr, m_ptr, d, level, band, invalid_test, BLOCK: tl.constexpr):
         row = tl.program_id(0)                    # i · D + j
         i = row // d
@@ -151,7 +141,6 @@ def warm_up(device: torch.device | str, coarse_sizes=(129, 257)) -> None:
 def mark(grid: torch.Tensor, resolution: int, level: float) -> torch.Tensor:
     """``near_surface_mark(grid[None], resolution, level)[0]`` for one contiguous fp16 grid
     ``[D, D, D]`` (Triton)."""
-    from . import decoding as dec
     d = grid.shape[0]
     out = torch.empty(grid.shape, dtype=torch.bool, device=grid.device)
     band = min(dec.BAND, dec.BAND * 128 * 4 / resolution)
@@ -181,8 +170,9 @@ def refine_index(grid: torch.Tensor, resolution: int, level: float, dilate: bool
     """The next level's query index of one part: boolean ``[R+1]³`` (R = ``resolution``) and
     its set count per first-axis plane (int64 on the device), from the current level's fp16
     grid ``[D, D, D]``: near-surface mark, ``dilate3`` when ``dilate``, spread to the fine
-    grid.  Triton kernels where they run (CUDA, or the interpreter), else the PyTorch ops."""
-    from . import decoding as dec
+    grid.  Triton kernels where they run (CUDA, or the interpreter), else the PyTorch ops
+    (also after a kernel failure: :func:`~turbopart.nn.kernels.decoder_triton.disabled`
+    lists it as "refine")."""
     size = int(resolution) + 1
     d = grid.shape[0]
 
@@ -192,17 +182,14 @@ def refine_index(grid: torch.Tensor, resolution: int, level: float, dilate: bool
             m = dec.dilate3(m)
         fine = dec.fine_index(m, size)[0]
         return fine, fine.sum(dim=(1, 2))
-    if not (_usable(grid) and grid.dtype == torch.float16 and grid.is_contiguous()
-            and grid.dim() == 3 and d >= 2 and size <= 2 * d):
-        return torch_path()
-    try:
+
+    def kernels():
         m = mark(grid, resolution, level)
         if dilate:
             m = dec.dilate3(m.unsqueeze(0))[0]
         fine, counts = spread(m, size)
         return fine, counts.long()
-    except Exception as exc:  # noqa: BLE001 - any compile/launch failure → PyTorch ops
-        _FAILED["refine"] = f"{type(exc).__name__}: {exc}"[:500]
-        warnings.warn(f"turbopart decoding: refinement kernels failed ({_FAILED['refine'][:300]});"
-                      " using the PyTorch ops from now on", RuntimeWarning, stacklevel=2)
+    if not (kern.available(grid) and grid.dtype == torch.float16 and grid.is_contiguous()
+            and grid.dim() == 3 and d >= 2 and size <= 2 * d):
         return torch_path()
+    return kern.run_or_fallback("refine", kernels, torch_path)

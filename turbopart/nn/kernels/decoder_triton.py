@@ -63,7 +63,9 @@ def reset() -> None:
     _DISABLED.clear()
 
 
-def _try(name: str, fn: Callable, fallback: Callable):
+def run_or_fallback(name: str, fn: Callable, fallback: Callable):
+    """``fn()``; on any compile / launch failure warn once, switch kernel ``name`` off for
+    the process and return ``fallback()`` (also used from then on)."""
     if name in _DISABLED:
         return fallback()
     try:
@@ -71,7 +73,7 @@ def _try(name: str, fn: Callable, fallback: Callable):
     except Exception as exc:  # noqa: BLE001 - any compile/launch failure → PyTorch path
         msg = f"{type(exc).__name__}: {exc}"
         _DISABLED[name] = msg[:500]
-        warnings.warn(f"turbopart geometry decoder: Triton kernel '{name}' failed ({msg[:300]}); "
+        warnings.warn(f"turbopart geometry decoding: Triton kernel '{name}' failed ({msg[:300]}); "
                       f"using the PyTorch path for it from now on", RuntimeWarning, stacklevel=3)
         return fallback()
 
@@ -419,7 +421,7 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
     """``bf16(LN_fp32(x))`` over the last axis of ``x`` [R, N] (fp32 weight and bias)."""
     if not (use_triton and _ln_ok(x)):
         return _ln_ref(x, w, b, eps)
-    return _try("layer_norm", lambda: _ln_rows_launch(x, None, w, b, eps, x.shape[0], False)[1],
+    return run_or_fallback("layer_norm", lambda: _ln_rows_launch(x, None, w, b, eps, x.shape[0], False)[1],
                 lambda: _ln_ref(x, w, b, eps))
 
 
@@ -436,10 +438,10 @@ def add_layer_norm(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor,
     if not (use_triton and _ln_ok(a, b)):
         return ref()
     if b is None:
-        return a, _try("layer_norm", lambda: _ln_rows_launch(a, None, w, bias, eps, n_rows,
+        return a, run_or_fallback("layer_norm", lambda: _ln_rows_launch(a, None, w, bias, eps, n_rows,
                                                              False)[1],
                        lambda: _ln_ref(a, w, bias, eps))
-    return _try("add_layer_norm", lambda: _ln_rows_launch(a, b, w, bias, eps, n_rows, True), ref)
+    return run_or_fallback("add_layer_norm", lambda: _ln_rows_launch(a, b, w, bias, eps, n_rows, True), ref)
 
 
 def add_ln_dot(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | None,
@@ -468,7 +470,7 @@ def add_ln_dot(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | None,
             out_b.reshape(-1).contiguous(), out, n_rows, a.shape[0], float(eps), N=n, ROWS=rows,
             HAS_B=b is not None, HAS_LN=has_ln, num_warps=8 if rows * n >= 8192 else 4)
         return out
-    return _try("ln_dot", launch, ref)
+    return run_or_fallback("ln_dot", launch, ref)
 
 
 # ---- Fourier features of the query points
@@ -513,7 +515,7 @@ def fourier_rows(pts: torch.Tensor, frequencies: torch.Tensor, include_input: bo
             pts.contiguous(), frequencies.contiguous(), f, n_rows, NF=nf, X0=x0, JS=js,
             KW=width, BM=bm, F64=fdt == torch.float64, num_warps=4)
         return f
-    return _try("fourier", launch, ref)
+    return run_or_fallback("fourier", launch, ref)
 
 
 # ---- attention
@@ -606,7 +608,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qn_w, qn_b, eps
             H=h, T=t, D=d, BM=cfg.bm, BN=cfg.bn, QNORM=has_norm,
             num_warps=cfg.warps, num_stages=cfg.stages)
         return out
-    return _try("attention", launch, ref)
+    return run_or_fallback("attention", launch, ref)
 
 
 # ---- linear layers
@@ -710,4 +712,4 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
             _gemm_kernel[grid](x, w, out, bias, res, m, res_rows, num_stages=cfg.stages,
                                **common)
         return out
-    return _try(f"linear_{mode}", launch, ref)
+    return run_or_fallback(f"linear_{mode}", launch, ref)
