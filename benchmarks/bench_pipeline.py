@@ -303,7 +303,7 @@ def run_xpart(pipe, mesh, boxes, *, steps: int, octree: int, device, warmup: boo
     dev = torch.device(device)
     if warmup:  # kernels, cuBLAS plans, allocator: a short call at the same K
         pipe(mesh, boxes, steps=2, octree_resolution=min(octree, 128), seed=1)
-        if dev.type == "cuda":  # what `run` / `generate` compile while loading: the fine
+        if dev.type == "cuda":  # what `run` / `generate` warm up while loading: the fine
             from turbopart.runtime import first_use  # levels' kernels (not reached at 128)
             first_use.decoder_kernels(dev)
     if dev.type == "cuda":

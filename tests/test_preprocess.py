@@ -155,6 +155,12 @@ def test_prepare_drops_empty_boxes_and_keeps_order(caplog):
     world = pp.denormalize(prep.part_surface[0, :, :3].numpy(), prep.center, prep.scale)
     assert world[:, 0].min() > 1.7
     assert np.allclose(prep.boxes_world(), boxes[[0, 2]], atol=1e-5)
+    # the object surface sampled on the worker thread = the precomputed object inputs
+    obj = pp.object_inputs(mesh, seed=3, n_points=1024)
+    again = pp.prepare(mesh, boxes, seed=3, n_points=1024, obj=obj)
+    assert torch.equal(prep.object_surface, obj.surface)
+    assert torch.equal(prep.part_surface, again.part_surface)
+    assert prep.center.tolist() == obj.center.tolist() and prep.scale == obj.scale
 
 
 def test_grid_boxes():

@@ -53,10 +53,13 @@ def _cuda(device: torch.device) -> None:
 
 
 def decoder_kernels(device: torch.device) -> None:
-    """Compile the geometry decoder's Triton kernels (Fourier operand for fp16 / fp32 /
-    fp64 points, the refinement kernels of the octree-512 ladder) on a side stream."""
+    """Compile and run once, on a side stream, the geometry decoder's Triton kernels that a
+    short call does not reach: the Fourier operand for fp16 / fp32 / fp64 points and the
+    refinement kernels of the octree-512 ladder (run, not only compiled: a kernel's first
+    launch also builds its launcher)."""
     from ..nn.fourier import fourier_frequencies
     from ..nn.kernels import decoder_triton as kern
+    from ..xpart import refine_triton
     if not kern.available(torch.empty(0, device=device)):
         return
     stream = torch.cuda.Stream(device)
@@ -65,9 +68,8 @@ def decoder_kernels(device: torch.device) -> None:
         for dt in (torch.float16, torch.float32, torch.float64):  # coarse, fast, exact
             pts = torch.zeros(64, 3, device=device, dtype=dt)
             kern.fourier_rows(pts, fr, True, torch.bfloat16, torch.bfloat16, 56)
+        refine_triton.warm_up(device)
     stream.synchronize()
-    from ..xpart import refine_triton
-    refine_triton.warm_up(device)
 
 
 def _work(device: torch.device) -> None:

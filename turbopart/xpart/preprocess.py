@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -257,8 +258,7 @@ class ObjectInputs:
 def object_inputs(mesh: trimesh.Trimesh, seed: int = 42, n_points: int = SURFACE_POINTS
                   ) -> ObjectInputs:
     """Normalisation and the object surface of ``mesh``."""
-    center, scale = normalization(mesh.vertices)
-    norm_mesh, _, _ = normalize_mesh(mesh, center, scale)
+    norm_mesh, center, scale = normalize_mesh(mesh)
     obj = object_surface(norm_mesh.vertices, norm_mesh.faces, seed, n_points)
     return ObjectInputs(center, scale, norm_mesh, obj, seed, n_points)
 
@@ -273,21 +273,35 @@ def prepare(mesh: trimesh.Trimesh, boxes, *, seed: int = 42, n_points: int = SUR
     ``part_mesh``: the mesh the part surfaces are sampled from, in the input frame (the
     official pipeline samples parts from P3-SAM's cleaned mesh when P3-SAM ran); default
     ``mesh``.  ``device``: where the part surfaces are sampled (and returned).  ``obj``: the
-    result of :func:`object_inputs` for this mesh, seed and size, if already computed.
+    result of :func:`object_inputs` for this mesh, seed and size, if already computed;
+    otherwise the object surface is sampled on a worker thread while the part surfaces
+    are (NumPy and the device work release the GIL; the generators are per call, so the
+    draws are the same).
     """
-    if obj is None or obj.seed != seed or obj.n_points != n_points:
-        obj = object_inputs(mesh, seed, n_points)
-    center, scale = obj.center, obj.scale
-    if boxes_normalized:
-        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 3)
-    else:
-        b = normalize_boxes(boxes, center, scale, official_float32=official_float32_boxes)
-    pm = obj.mesh if part_mesh is None else normalize_mesh(part_mesh, center, scale)[0]
-    parts, valid = part_surfaces(pm, b, seed, n_points, device)
+    pool = surface = None
+    if obj is not None and obj.seed == seed and obj.n_points == n_points:
+        center, scale, norm_mesh, surface = obj.center, obj.scale, obj.mesh, obj.surface
+    else:  # the object surface is sampled on a thread while the parts are sampled here
+        norm_mesh, center, scale = normalize_mesh(mesh)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="turbopart-object-surface")
+        pending = pool.submit(object_surface, norm_mesh.vertices, norm_mesh.faces, seed,
+                              n_points)
+    try:
+        if boxes_normalized:
+            b = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 3)
+        else:
+            b = normalize_boxes(boxes, center, scale, official_float32=official_float32_boxes)
+        pm = norm_mesh if part_mesh is None else normalize_mesh(part_mesh, center, scale)[0]
+        parts, valid = part_surfaces(pm, b, seed, n_points, device)
+        if pool is not None:
+            surface = pending.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if not valid.all():
         dropped = np.flatnonzero(~valid).tolist()
         log.warning("dropping %d box(es) with no faces inside: %s", len(dropped), dropped)
-    return PreparedInputs(obj.surface, parts, b[valid], valid, center, scale, obj.mesh,
+    return PreparedInputs(surface, parts, b[valid], valid, center, scale, norm_mesh,
                           np.flatnonzero(valid).tolist())
 
 

@@ -125,17 +125,15 @@ def _spread_tiles(c: int) -> tuple[int, int]:
 
 def warm_up(device: torch.device | str, coarse_sizes=(129, 257)) -> None:
     """Compile the kernels for grids of ``coarse_sizes`` (the default ladder at octree 512:
-    129³ → 257³ → 513³) without running them, so no compile lands inside a decode."""
+    129³ → 257³ → 513³) and run them once on zero grids, so that neither a compile nor a
+    first launch lands inside a decode: Triton builds a kernel's host launcher on its
+    first launch (a C compile when its cache is empty, ≈0.5 s inside the first decode of
+    a fresh machine when the kernels were only compiled)."""
     if triton is None:
         return
-    h = torch.empty(16, dtype=torch.float16, device=device)
-    u = torch.empty(16, dtype=torch.uint8, device=device)
-    n = torch.empty(16, dtype=torch.int32, device=device)
     for c in coarse_sizes:
-        _mark_kernel.warmup(h, u, c, 0.0, 0.0, 0.0, BLOCK=_block(c), num_warps=4, grid=(1,))
-        rows, cb = _spread_tiles(c)
-        _spread_kernel.warmup(u, u, n, c, 2 * c - 1, ROWS=rows, CB=cb, num_warps=4,
-                              grid=(1,))
+        grid = torch.zeros((c, c, c), dtype=torch.float16, device=device)
+        spread(mark(grid, 2 * (c - 1), 0.0), 2 * c - 1)
 
 
 def mark(grid: torch.Tensor, resolution: int, level: float) -> torch.Tensor:
