@@ -64,6 +64,8 @@ def case_path(name: str) -> Path:
 def mesh_path(name: str) -> Path:
     if MESHES is None:
         pytest.skip("needs ../shared/meshes; set TURBOPART_SHARED")
+    if not (MESHES / name).is_file():
+        pytest.skip(f"{name} is not in {MESHES}")
     return MESHES / name
 
 

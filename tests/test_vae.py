@@ -452,6 +452,40 @@ def test_fourier_rows_on_cuda_is_the_op_sequence():
     assert "fourier" not in K.disabled()
 
 
+def test_gluon_linear_falls_back_off_hopper():
+    """mode "gluon" takes the reference ops where its kernel does not apply (CPU tensors,
+    epilogues other than GELU)."""
+    from turbopart.nn.kernels import decoder_triton as K
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=g).bfloat16()
+    w = torch.randn(256, 64, generator=g).bfloat16()
+    b = torch.randn(256, generator=g).bfloat16()
+    for epi in (0, K.EPI_GELU):
+        assert torch.equal(K.linear(x, w, b, epi, mode="gluon"), K.linear_ref(x, w, b, epi))
+    assert "linear_gluon" not in K.disabled()
+
+
+@needs_gpu
+def test_gluon_gelu_gemm_on_hopper_is_the_triton_kernel():
+    """The Gluon c_fc + GELU kernel gives the Triton GELU GEMM's bits (same erf formula and
+    rounding points) at full decoder width, ragged row counts included."""
+    from turbopart.nn.kernels import decoder_triton as K
+    from turbopart.nn.kernels import gelu_gemm_gluon as G
+    x0 = torch.empty(1, device="cuda")
+    if not G.available(x0):
+        pytest.skip("Gluon's Hopper API or an sm_90 GPU is missing")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(4096, 1024, generator=g, device="cuda") * 0.03).bfloat16()
+    b = (torch.randn(4096, generator=g, device="cuda") * 0.02).bfloat16()
+    for m in (1, 1000, 37000):
+        x = torch.randn(m, 1024, generator=g, device="cuda").bfloat16()
+        out = K.linear(x, w, b, K.EPI_GELU, mode="gluon")
+        assert torch.equal(out, K.linear(x, w, b, K.EPI_GELU, mode="pers")), m
+        ref = K.linear_ref(x, w, b, K.EPI_GELU)
+        assert (out != ref).float().mean().item() < 1e-3, m
+    assert "linear_gluon" not in K.disabled(), K.disabled()
+
+
 @needs_gpu
 def test_fused_path_on_cuda_matches_eager():
     model = _fused_model(torch.bfloat16).cuda()

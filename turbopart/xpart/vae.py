@@ -363,18 +363,20 @@ class FusedOptions(NamedTuple):
     (21.2 / 18.5 M q/s coarse / fine against 20.2 / 18.0) but loses inside the pipeline,
     where every chunk of the fine levels has a new row count (1.75 s against 1.43 s for the
     8-part decode on the same H100).
-    ``gemm``: "cublas" (default: every Linear in cuBLAS, GELU as ``F.gelu``), "gelu" /
-    "gelu_tma" / "gelu_pers" (c_fc as a Triton GEMM with the bias + exact GELU epilogue:
-    pointer loads, TMA loads, or TMA loads in a persistent kernel; the rest cuBLAS;
-    "gelu_pers" is 8 % faster than cuBLAS + GELU for that layer and 2–3 % for the whole
-    query benchmark, ≈1 % for the pipeline's decoding: see BENCHMARKS.md), "triton" /
-    "triton_tma" (all four 1024-wide Linears in Triton, residual adds in the c_proj
-    epilogues).
+    ``gemm``: "gelu_gluon" (default: c_fc + its exact GELU as a warp-specialised Gluon
+    kernel whose GELU runs beside the next tile's tensor-core work,
+    :mod:`~turbopart.nn.kernels.gelu_gemm_gluon`, the other Linears in cuBLAS; on GPUs
+    other than Hopper, or without Gluon, exactly "cublas"; 5 % faster pipeline decoding
+    than "cublas": see BENCHMARKS.md), "cublas" (every Linear in cuBLAS, GELU as
+    ``F.gelu``), "gelu" / "gelu_tma" / "gelu_pers" (c_fc as a Triton GEMM with the bias +
+    exact GELU epilogue: pointer loads, TMA loads, or TMA loads in a persistent kernel;
+    "gelu_pers" ≈1 % faster than "cublas" in the pipeline), "triton" / "triton_tma" (all
+    four 1024-wide Linears in Triton, residual adds in the c_proj epilogues).
     ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
     PyTorch ops, for checks).
     """
     attn: str = "triton"
-    gemm: str = "cublas"
+    gemm: str = "gelu_gluon"
     glue: bool = True
 
     @classmethod
@@ -393,7 +395,7 @@ class FusedOptions(NamedTuple):
 
 
 ATTN_CHOICES = ("triton", "sdpa", "flash", "cudnn", "efficient")
-GEMM_CHOICES = ("cublas", "gelu", "gelu_tma", "gelu_pers", "triton", "triton_tma")
+GEMM_CHOICES = ("cublas", "gelu", "gelu_tma", "gelu_pers", "gelu_gluon", "triton", "triton_tma")
 #: ``TURBOPART_DECODER``: "auto" (fused on CUDA for bf16-stored weights, i.e. ``fast``
 #: numerics; eager otherwise), "eager" (the official op sequence), "fused", "compile".
 DECODER_MODES = ("auto", "eager", "fused", "compile")
@@ -430,7 +432,7 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     width = w.cq_w.shape[0]
     glue = opts.glue
     gm = opts.gemm
-    mode = gm.rpartition("_")[2] if gm.endswith(("_tma", "_pers")) else "ptr"
+    mode = gm.rpartition("_")[2] if gm.endswith(("_tma", "_pers", "_gluon")) else "ptr"
     all_triton = gm in ("triton", "triton_tma")
     gelu_triton = gm != "cublas"
 

@@ -669,10 +669,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
            residual: torch.Tensor | None = None, *, mode: str = "ptr",
            config: GemmConfig | None = None) -> torch.Tensor:
     """``epilogue(x Wᵀ + b)`` (see :func:`linear_ref`) with a Triton GEMM: ``mode`` "ptr"
-    (pointer loads), "tma" (TMA descriptors) or "pers" (TMA, persistent, split epilogue);
-    "torch" (or anything unsupported) uses :func:`linear_ref`."""
+    (pointer loads), "tma" (TMA descriptors) or "pers" (TMA, persistent, split epilogue),
+    or "gluon" for the GELU epilogue (:mod:`.gelu_gemm_gluon`: Hopper, warp-specialised;
+    other epilogues and other GPUs take :func:`linear_ref`); "torch" (or anything
+    unsupported) uses :func:`linear_ref`."""
     m, k = x.shape
     n = w.shape[0]
+    if mode == "gluon":
+        from . import gelu_gemm_gluon as gg
+
+        def ref():
+            return linear_ref(x, w, b, epilogue, residual)
+        if (epilogue != EPI_GELU or residual is not None or not gg.available(x)
+                or not gg.fits(x, w, b)):
+            return ref()
+        return run_or_fallback("linear_gluon", lambda: gg.linear_gelu(x, w, b), ref)
     cfg = config or gemm_config(n, k, mode)
     ok = (mode in ("ptr", "tma", "pers") and available(x) and x.dtype in _HALF
           and w.dtype == x.dtype and x.is_contiguous() and w.is_contiguous()
