@@ -9,10 +9,11 @@ stream in, when the CPU and the GPU are mostly idle:
   import of its compiler modules;
 * the first use of cuBLAS and of the attention kernels (library and kernel loading), with
   tiny products and one tiny attention in each 16-bit dtype, on a stream of its own;
-* the geometry decoder's query-point Fourier kernel for fp16 (coarse grid) and fp64 (fine
-  levels) points, compiled or loaded from Triton's disk cache: the fp64 variant is first
-  needed half-way through the first decode, where its compile cost ≈1 s on a machine's
-  first full-resolution run (the official decoder's 8 frequencies and 56-wide operand).
+* the geometry decoder's Triton kernels that a first call reaches only half-way through
+  its first full-resolution decode: the query-point Fourier kernel for fp16 / fp32 / fp64
+  points (the official decoder's 8 frequencies and 56-wide operand; a compile there cost
+  ≈1 s on a machine's first run) and the refinement kernels of the octree-512 ladder, run
+  once so that their launchers are built too (≈0.5 s on a fresh machine otherwise).
 
 :func:`start` launches a daemon thread and returns at once; everything it does is a warm-up
 whose failure changes nothing (errors are swallowed).  ``TURBOPART_FIRST_USE=0`` switches

@@ -421,8 +421,9 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
     """``bf16(LN_fp32(x))`` over the last axis of ``x`` [R, N] (fp32 weight and bias)."""
     if not (use_triton and _ln_ok(x)):
         return _ln_ref(x, w, b, eps)
-    return run_or_fallback("layer_norm", lambda: _ln_rows_launch(x, None, w, b, eps, x.shape[0], False)[1],
-                lambda: _ln_ref(x, w, b, eps))
+    return run_or_fallback(
+        "layer_norm", lambda: _ln_rows_launch(x, None, w, b, eps, x.shape[0], False)[1],
+        lambda: _ln_ref(x, w, b, eps))
 
 
 def add_layer_norm(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor,
@@ -438,10 +439,11 @@ def add_layer_norm(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor,
     if not (use_triton and _ln_ok(a, b)):
         return ref()
     if b is None:
-        return a, run_or_fallback("layer_norm", lambda: _ln_rows_launch(a, None, w, bias, eps, n_rows,
-                                                             False)[1],
-                       lambda: _ln_ref(a, w, bias, eps))
-    return run_or_fallback("add_layer_norm", lambda: _ln_rows_launch(a, b, w, bias, eps, n_rows, True), ref)
+        return a, run_or_fallback(
+            "layer_norm", lambda: _ln_rows_launch(a, None, w, bias, eps, n_rows, False)[1],
+            lambda: _ln_ref(a, w, bias, eps))
+    return run_or_fallback(
+        "add_layer_norm", lambda: _ln_rows_launch(a, b, w, bias, eps, n_rows, True), ref)
 
 
 def add_ln_dot(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | None,
@@ -675,11 +677,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
     unsupported) uses :func:`linear_ref`."""
     m, k = x.shape
     n = w.shape[0]
+
+    def ref():
+        return linear_ref(x, w, b, epilogue, residual)
     if mode == "gluon":
         from . import gelu_gemm_gluon as gg
-
-        def ref():
-            return linear_ref(x, w, b, epilogue, residual)
         if (epilogue != EPI_GELU or residual is not None or not gg.available(x)
                 or not gg.fits(x, w, b)):
             return ref()
@@ -691,9 +693,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, epilogue: i
           and (b is None or b.dtype == x.dtype)
           and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype
                                     and m % residual.shape[0] == 0)))
-
-    def ref():
-        return linear_ref(x, w, b, epilogue, residual)
     if not ok or m == 0:
         return ref()
 

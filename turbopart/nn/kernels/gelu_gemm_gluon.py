@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .decoder_triton import _sm_count
+
 try:  # pragma: no cover - depends on the Triton build
     import triton
     from triton.experimental import gluon
@@ -43,8 +45,6 @@ OB_DEPTH = 2         # output-tile ring depth
 MMA_WARPS = 8
 EPI_WARPS = 4
 EPI_REGS = 168
-
-_SMS: dict[int, int] = {}
 
 
 def available(x: torch.Tensor) -> bool:
@@ -227,10 +227,7 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    sms = _SMS[dev]
+    sms = _sm_count(x.device)
     layout = gl.NVMMASharedLayout.get_default_for
     a_d = TensorDescriptor.from_tensor(x, [BM, BK], layout([BM, BK], gl.bfloat16))
     w_d = TensorDescriptor.from_tensor(w, [BN, BK], layout([BN, BK], gl.bfloat16))
