@@ -323,6 +323,7 @@ def run_xpart(pipe, mesh, boxes, *, steps: int, octree: int, device, warmup: boo
     export_s, export_what = _export_seconds(result, mesh, kept)
     st = dict(result.timings)
     q = result.counters.get("queries_per_level", [])
+    reused = result.counters.get("reused_per_level", [])
     raw = result.counters.get("raw_faces", [])
     faces = result.counters.get("faces", [])
     util = None
@@ -333,6 +334,7 @@ def run_xpart(pipe, mesh, boxes, *, steps: int, octree: int, device, warmup: boo
             xs = [u for t, u in sampler.samples if any(a <= t <= b for a, b in ivs)]
             util["stages"][name] = sum(xs) / len(xs) if xs else None
     qtot = sum(sum(x) for x in q)
+    gtot = qtot + sum(sum(x) for x in reused)  # the official decoder queries these too
     mc = st.get("marching_cubes", 0.0) + st.get("cleanup", 0.0)
     return {
         "k": len(boxes), "parts": len(result.parts), "call_s": t1 - t0, "stages_s": st,
@@ -340,6 +342,8 @@ def run_xpart(pipe, mesh, boxes, *, steps: int, octree: int, device, warmup: boo
         "dit_step_ms": 1000 * st.get("sampling", 0.0) / steps,
         "queries_per_part": q, "queries_total": qtot,
         "query_rate": qtot / st["volume_decode"] if st.get("volume_decode") else None,
+        "reused_per_part": reused, "grid_values_total": gtot,
+        "grid_value_rate": gtot / st["volume_decode"] if st.get("volume_decode") else None,
         "raw_faces_per_part": raw, "faces_per_part": faces,
         "mesh_rate_faces_per_s": sum(raw) / mc if mc else None,
         "peak_gpu_gb": peak, "peak_gpu_reserved_gb": peak_r, "gpu_util": util,
@@ -512,12 +516,21 @@ def table(report: dict) -> str:
     row("decode+mesh, all parts (s)", decode_total)
     row("export (s)", lambda n, k, d: _f(d.get("trimesh_export_s") if n == "official"
                                          else d.get("export_s")))
-    row("queries / part (M)", lambda n, k, d: _f(
-        d.get("queries_per_part") / 1e6 if n == "official" and d.get("queries_per_part")
-        else (d.get("queries_total") / max(1, d.get("parts", 1)) / 1e6
-              if d.get("queries_total") else None)))
-    row("query rate (M/s)", lambda n, k, d: _f(
-        d.get("query_rate") / 1e6 if d.get("query_rate") else None, "{:.1f}"))
+    def per_part(key):
+        return lambda n, k, d: _f(
+            d.get("queries_per_part") / 1e6 if n == "official" and d.get("queries_per_part")
+            else (d.get(key) / max(1, d.get("parts", 1)) / 1e6 if d.get(key) else None))
+
+    def rate(key):
+        def fn(n, k, d):
+            v = d.get("query_rate" if n == "official" else key)
+            return _f(v / 1e6 if v else None, "{:.1f}")
+        return fn
+    # grid values: the official decoder's queries (it queries the vertices we reuse again)
+    row("grid values / part (M)", per_part("grid_values_total"))
+    row("grid values / s (M)", rate("grid_value_rate"))
+    row("decoder queries / part (M)", per_part("queries_total"))
+    row("decoder query rate (M/s)", rate("query_rate"))
     row("faces (M, raw)", lambda n, k, d: _f(
         d.get("faces_total") / 1e6 if n == "official" and d.get("faces_total")
         else (sum(d.get("raw_faces_per_part", [])) / 1e6 if n != "official" else None), "{:.3f}"))

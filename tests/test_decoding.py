@@ -171,26 +171,98 @@ def _rows(points):
     return a[np.lexsort(a.T[::-1])]
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("dilate_max", [40, 100])
 @pytest.mark.parametrize("slope", [4.0, 30.0, 400.0])
-def test_hierarchy_matches_reference_small(slope):
+def test_hierarchy_matches_reference_small(slope, dilate_max, reuse):
+    """Same grids, masks and query sets as the official algorithm.  With ``reuse`` the last
+    level (twice the resolution of the one before) does not query the all-even vertices it
+    shares with that level: they are in the reference's query set, with the very same
+    float64 coordinates, at the previous level; the evaluated sets together are the
+    reference's.  ``dilate_max`` 100 dilates the mark at the last level too, so some shared
+    vertices were not evaluated before and must be queried."""
     fields = _fields(slope)
     calls = Calls(fields)
     out = dec.decode_volumes(calls, [0, 1, 2], 64, chunk=5000, min_resolution=15,
-                             dilate_max_resolution=40)
+                             dilate_max_resolution=dilate_max, reuse=reuse)
     assert out.ladder == [16, 32, 64]
     for k in range(3):
-        g, mask, queries = reference(fields[k], 64, min_resolution=15, dilate_max=40)
+        g, mask, queries = reference(fields[k], 64, min_resolution=15, dilate_max=dilate_max)
         assert torch.equal(out.mask[k], mask)
         assert torch.equal(torch.isnan(out.grid[k]), torch.isnan(g))
         ok = ~torch.isnan(g)
         assert torch.equal(out.grid[k][ok], g[ok])
-        for lvl, q in enumerate(queries):
-            assert out.queries[lvl][k] == q.shape[0]
         ours = torch.cat([p for kk, p in calls.points if kk == k])
         ref = torch.cat(queries)
-        assert ours.shape == ref.shape
-        # identical query sets, coordinates bit for bit (fp16 coarse, float64 fine)
-        assert np.array_equal(_rows(ours), _rows(ref))
+        for lvl, q in enumerate(queries):
+            assert out.queries[lvl][k] + out.reused[lvl][k] == q.shape[0]
+        assert out.reused[0][k] == out.reused[1][k] == 0
+        if not reuse:
+            assert out.reused[2][k] == 0
+            assert ours.shape == ref.shape
+            # identical query sets, coordinates bit for bit (fp16 coarse, float64 fine)
+            assert np.array_equal(_rows(ours), _rows(ref))
+            continue
+        # the reused vertices: the last level's all-even ones the level before evaluated
+        idx = torch.nonzero(mask)
+        even = (idx % 2 == 0).all(dim=1)
+        before = queries[1]
+        shared = torch.from_numpy(np.isin(_keys(queries[2][even]), _keys(before)))
+        assert out.reused[2][k] == int(shared.sum()) > 0
+        if dilate_max < 64:  # an undilated mark: every shared vertex was evaluated
+            assert bool(shared.all())
+        # evaluated: the reference's set without the reused vertices, bit for bit
+        want = torch.cat([queries[0], queries[1], queries[2][even][~shared],
+                          queries[2][~even]])
+        assert ours.shape == want.shape
+        assert np.array_equal(_rows(ours), _rows(want))
+
+
+def _keys(points):
+    """float64 rows as hashable byte strings (exact set membership)."""
+    a = np.ascontiguousarray(points.numpy())
+    return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+
+
+def test_reuse_queries_shared_vertices_the_level_before_left_out():
+    """A dilated mark reaches vertices the previous level did not evaluate (INVALID): their
+    fine twins are queried; only the evaluated ones are taken over, and the index is whole
+    again afterwards."""
+    prev = torch.full((9, 9, 9), dec.INVALID, dtype=torch.float16)
+    prev[3:6, 3:6, 3:6] = 0.5                     # evaluated, in the band: marked
+    f = _sphere((0.0, 0.0, 0.0), 0.3, 5.0)
+    calls = Calls([f])
+    plain = dec._Level(prev, 16, True, dec.MC_LEVEL, True)
+    lv = dec._Level(prev, 16, True, dec.MC_LEVEL, True, prev)
+    counts = lv.counts()
+    assert lv.reused == 27
+    assert sum(counts) == sum(plain.counts()) - 27
+    grid, n = lv.run(calls, 0, chunk=10 ** 6, bounds=dec.BOUNDS, fine_dtype=torch.float64,
+                     on_queries=None)
+    want, n_plain = plain.run(Calls([f]), 0, chunk=10 ** 6, bounds=dec.BOUNDS,
+                              fine_dtype=torch.float64, on_queries=None)
+    assert n == n_plain - 27
+    assert torch.equal(lv.fine, plain.fine)       # the whole index again: the MC mask
+    even = lv.fine[::2, ::2, ::2]
+    assert int(even.sum()) == 125                 # the dilated mark [2:7]³ …
+    assert torch.equal(grid[6:11:2, 6:11:2, 6:11:2], prev[3:6, 3:6, 3:6])  # … 27 taken over
+    queried = ~torch.isnan(grid) & ~torch.isnan(want)
+    queried[6:11:2, 6:11:2, 6:11:2] = False
+    assert torch.equal(grid[queried], want[queried])  # the rest (98 shell evens) queried
+    assert torch.equal(torch.isnan(grid), torch.isnan(want))
+
+
+def test_reuse_needs_a_doubled_fine_level():
+    """Odd ladders ([15, 31, 63]) and the fp16 coarse level share no coordinates: nothing
+    is reused, and the result is the reference's."""
+    fields = _fields(30.0)
+    out = dec.decode_volumes(Calls(fields), [0, 1], 63, chunk=5000, min_resolution=15)
+    assert out.ladder == [15, 31, 63]
+    assert out.reused == [[0, 0], [0, 0], [0, 0]]
+    g, mask, queries = reference(fields[1], 63, min_resolution=15)
+    assert torch.equal(out.mask[1], mask)
+    assert torch.equal(out.grid[1].nan_to_num(7.0), g.nan_to_num(7.0))
+    assert [q[1] for q in out.queries] == [q.shape[0] for q in queries]
 
 
 def test_hierarchy_256_matches_reference():

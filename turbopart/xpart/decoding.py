@@ -38,6 +38,7 @@ parts form one group and a consumer can mesh each part as it arrives.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -57,6 +58,12 @@ DILATE_MAX_RESOLUTION = 510
 #: ``query_fn(points [P, Q, 3], parts: list[int]) -> logits [len(parts), Q]`` (any float
 #: dtype); ``P`` is ``len(parts)`` or 1 (one query set shared by every listed part).
 QueryFn = Callable[[torch.Tensor, list], torch.Tensor]
+
+
+def reuse_from_env() -> bool:
+    """``TURBOPART_DECODE_REUSE=0`` queries the vertices a level shares with the level
+    before again, as the official decoder does (same grids; for A/B checks)."""
+    return os.environ.get("TURBOPART_DECODE_REUSE", "1").strip() != "0"
 
 
 def _extent(bounds: float) -> np.float64:
@@ -175,7 +182,8 @@ class DecodedVolumes:
     ``grid``: ``[B, R+1, R+1, R+1]`` float16 logits (NaN where not evaluated at the last level
     of a multi-level ladder); ``mask``: boolean ``[B, R+1, R+1, R+1]`` marching-cubes mask (the
     final dilated fine index) or ``None`` for a single (dense) level; ``queries[level][b]``:
-    geometry-decoder queries per level per part; ``ladder``: the resolutions.
+    geometry-decoder queries per level per part; ``reused[level][b]``: vertices whose value
+    came from the previous level (:class:`_Level`); ``ladder``: the resolutions.
     """
 
     resolution: int
@@ -184,6 +192,7 @@ class DecodedVolumes:
     mask: torch.Tensor | None
     queries: list[list[int]] = field(default_factory=list)
     parts: list[int] = field(default_factory=list)
+    reused: list[list[int]] = field(default_factory=list)
 
     @property
     def queries_per_part(self) -> list[int]:
@@ -236,7 +245,9 @@ class PartVolume:
     """One part's hierarchical decoding (:func:`iter_volumes`): ``grid`` [R+1]³ float16
     logits (NaN where not evaluated at the last level of a multi-level ladder), ``mask`` the
     marching-cubes mask (final dilated fine index; None for a single dense level),
-    ``queries`` the decoder queries per level, ``part`` the id passed in, ``index`` its
+    ``queries`` the decoder queries per level, ``reused`` per level the vertices whose
+    value was taken from the previous level instead of being queried (``queries +
+    reused`` is the official query count), ``part`` the id passed in, ``index`` its
     position in ``parts``."""
 
     part: int
@@ -246,6 +257,7 @@ class PartVolume:
     grid: torch.Tensor
     mask: torch.Tensor | None
     queries: list[int]
+    reused: list[int] = field(default_factory=list)
 
 
 class _Timer:
@@ -293,34 +305,59 @@ def _coarse_level(query_fn: QueryFn, parts: list, r0: int, *, device, chunk: int
 
 class _Level:
     """One part's queries at one finer level: the boolean index of the fine vertices to
-    evaluate and its set count per first-axis plane (host integers once known)."""
+    evaluate and its set count per first-axis plane (host integers once known).
 
-    def __init__(self, grid: torch.Tensor, r: int, last: bool, level: float, dilate: bool):
+    ``prev``: the previous level's grid when that level was itself a fine level of half
+    the resolution (``R = 2·R_prev``).  Its vertex ``i`` then has the very coordinates of
+    this level's vertex ``2·i`` (``2i · (E / 2R_prev)`` and ``i · (E / R_prev)`` are the same
+    float64 number: halving the step is exact), so the decoder's value there is already
+    known: every all-even fine vertex whose previous vertex was evaluated is taken from
+    ``prev`` instead of being queried again.  The grid and the marching-cubes mask are the
+    same as when it is queried; only the decoder work shrinks (≈ 1/8 of the level).
+    """
+
+    def __init__(self, grid: torch.Tensor, r: int, last: bool, level: float, dilate: bool,
+                 prev: torch.Tensor | None = None):
         from .refine_triton import refine_index  # Triton is imported on first use
         self.r, self.last = r, last
         self.fine, planes = refine_index(grid, r, level, dilate)
         self.plane_counts: list[int] | None = None
-        self._planes = planes
+        self.reused = 0
+        self._prev = self._taken = None
+        reused_planes = torch.zeros_like(planes)
+        if prev is not None:
+            # fine[2i] is set iff the (dilated) mark of i is; a dilated mark can reach a
+            # vertex the previous level did not evaluate (INVALID there): query those
+            even = self.fine[::2, ::2, ::2]
+            taken = even & (prev > INVALID_TEST)
+            even &= ~taken                              # the query index, in place
+            reused_planes[::2] = taken.sum(dim=(1, 2))
+            planes = planes - reused_planes
+            self._prev, self._taken = prev, taken
+        self._planes = torch.stack((planes, reused_planes))
         self._event = None
         if planes.is_cuda:  # copy the counts to the host behind the queued work
-            host = torch.empty(planes.shape, dtype=planes.dtype, pin_memory=True)
-            host.copy_(planes, non_blocking=True)
+            host = torch.empty(self._planes.shape, dtype=planes.dtype, pin_memory=True)
+            host.copy_(self._planes, non_blocking=True)
             self._planes = host
             self._event = torch.cuda.Event()
             self._event.record()
 
     def counts(self) -> list[int]:
-        """The per-plane counts (waits for the marks, not for work queued after them)."""
+        """The per-plane query counts (waits for the marks, not for work queued after
+        them)."""
         if self.plane_counts is None:
             if self._event is not None:
                 self._event.synchronize()
-            self.plane_counts = self._planes.tolist()
+            self.plane_counts, reused = self._planes.tolist()
+            self.reused = int(sum(reused))
         return self.plane_counts
 
     def run(self, query_fn: QueryFn, part, *, chunk: int, bounds: float,
             fine_dtype: torch.dtype, on_queries) -> tuple[torch.Tensor, int]:
         """Queue the level's queries: its grid ``[R+1]³`` float16 (NaN / INVALID where not
-        evaluated) and the number of queries."""
+        evaluated) and the number of queries.  Afterwards ``fine`` is the whole index again
+        (queried and reused vertices: the marching-cubes mask at the last level)."""
         size = self.r + 1
         step = float(_extent(bounds) / self.r)  # official: numpy (max - min) / R in float64
         new = torch.full((size, size, size), float("nan") if self.last else INVALID,
@@ -336,6 +373,11 @@ class _Level:
             n_level += n
             if on_queries is not None:
                 on_queries(n)
+        if self._taken is not None:
+            even = new[::2, ::2, ::2]
+            even.copy_(torch.where(self._taken, self._prev, even))
+            self.fine[::2, ::2, ::2] |= self._taken
+            self._prev = self._taken = None
         return new, n_level
 
 
@@ -346,7 +388,7 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
                  min_resolution: int = MIN_RESOLUTION,
                  dilate_max_resolution: int = DILATE_MAX_RESOLUTION,
                  on_queries: Callable[[int], None] | None = None,
-                 stats: dict | None = None) -> Iterator[PartVolume]:
+                 stats: dict | None = None, reuse: bool = True) -> Iterator[PartVolume]:
     """Hierarchical decoding of ``parts``, one :class:`PartVolume` at a time.
 
     The coarse level runs for all parts together (one shared query set; ``[B, 129³]`` fp16
@@ -357,9 +399,13 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
     the per-plane query counts of each level: the first refined level's counts of all
     parts are read at once, and the next part's first refined level is queued before the
     host waits for a part's deeper counts, so the GPU does not idle across that wait.
-    Same query sets, grids and masks as :func:`decode_volumes`.  ``stats``: when given,
-    synchronised seconds per phase are added to it ("coarse", "marks", "queries R"; the
-    waits then synchronise too, so the overlap is lost while measuring).
+    Same query sets, grids and masks as :func:`decode_volumes`.  ``reuse``: a level
+    whose resolution is twice the previous fine level's takes the values of the vertices
+    they share from it instead of querying them again (same grids and masks; see
+    :class:`_Level`; the 512 level of the default ladder, ≈ 1/8 of its queries).
+    ``stats``: when given, synchronised seconds per phase are added to it ("coarse",
+    "marks", "queries R"; the waits then synchronise too, so the overlap is lost while
+    measuring).
     """
     device = torch.device(device)
     parts = list(parts)
@@ -374,13 +420,17 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
     n0 = (ladder[0] + 1) ** 3
     if len(ladder) == 1:
         for bi, part in enumerate(parts):
-            yield PartVolume(part, bi, ladder[-1], ladder, grids[bi], None, [n0])
+            yield PartVolume(part, bi, ladder[-1], ladder, grids[bi], None, [n0], [0])
         return
     run = dict(chunk=chunk, bounds=bounds, fine_dtype=fine_dtype, on_queries=on_queries)
 
     def refine(grid, li):
         r = ladder[li]
-        return _Level(grid, r, li == len(ladder) - 1, level, r <= dilate_max_resolution)
+        # the previous level's coordinates are this one's at even indices (fp16-rounded
+        # coarse coordinates are not)
+        prev = grid if reuse and li >= 2 and r == 2 * ladder[li - 1] else None
+        return _Level(grid, r, li == len(ladder) - 1, level, r <= dilate_max_resolution,
+                      prev)
     firsts = [refine(grids[bi], 1) for bi in range(len(parts))]
     for lv in firsts:
         lv.counts()
@@ -390,17 +440,18 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
         lv, firsts[bi] = firsts[bi], None
         g, n = queued or lv.run(query_fn, part, **run)
         queued = None
-        counts = [n]
+        counts, reused = [n], [0]
         for li in range(2, len(ladder)):
             lv = refine(g, li)
-            del g  # freed before the level's grid is allocated
+            del g  # freed before the level's grid is allocated (unless lv reuses it)
             if li == 2 and bi + 1 < len(parts):  # keeps the GPU busy over lv's wait
                 queued = firsts[bi + 1].run(query_fn, parts[bi + 1], **run)
             g, n = lv.run(query_fn, part, **run)
             counts.append(n)
+            reused.append(lv.reused)
         timer(f"queries {ladder[-1]}")
         yield PartVolume(part, bi, ladder[-1], ladder, g, lv.fine if lv.last else None,
-                         [n0] + counts)
+                         [n0] + counts, [0] + reused)
 
 
 def decode_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int = 512, *,
@@ -410,14 +461,15 @@ def decode_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: i
                    min_resolution: int = MIN_RESOLUTION,
                    dilate_max_resolution: int = DILATE_MAX_RESOLUTION,
                    on_queries: Callable[[int], None] | None = None,
-                   stats: dict | None = None) -> DecodedVolumes:
+                   stats: dict | None = None, reuse: bool = True) -> DecodedVolumes:
     """Decode the logit volumes of ``parts`` (indices passed through to ``query_fn``).
 
     ``chunk``: maximum queries per ``query_fn`` call (size it from free memory);
     ``fine_dtype``: float64 reproduces the official fine-level coordinates (``exact``);
     ``min_resolution`` / ``dilate_max_resolution``: the official 95 / 510 (parameters only so
     tests can run the whole hierarchy on small grids);
-    ``on_queries(n)``: progress callback after every call.
+    ``on_queries(n)``: progress callback after every call; ``reuse``: see
+    :func:`iter_volumes`.
     All parts' dense grids and masks are returned together; :func:`iter_volumes` yields
     them one part at a time instead (far less memory at 512).
     """
@@ -428,11 +480,12 @@ def decode_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: i
     d = ladder[-1] + 1
     grid = mask = None
     counts: list[list[int]] = [[0] * b for _ in ladder]
+    reused: list[list[int]] = [[0] * b for _ in ladder]
     for pv in iter_volumes(query_fn, parts, octree_resolution, device=device, chunk=chunk,
                            bounds=bounds, level=level, fine_dtype=fine_dtype,
                            min_resolution=min_resolution,
                            dilate_max_resolution=dilate_max_resolution,
-                           on_queries=on_queries, stats=stats):
+                           on_queries=on_queries, stats=stats, reuse=reuse):
         if grid is None:
             grid = torch.empty((b, d, d, d), dtype=torch.float16, device=device)
             if pv.mask is not None:
@@ -440,12 +493,13 @@ def decode_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: i
         grid[pv.index] = pv.grid
         if mask is not None:
             mask[pv.index] = pv.mask
-        for li, n in enumerate(pv.queries):
+        for li, (n, r) in enumerate(zip(pv.queries, pv.reused)):
             counts[li][pv.index] = n
+            reused[li][pv.index] = r
         del pv
     if grid is None:
         grid = torch.empty((0, d, d, d), dtype=torch.float16, device=device)
-    return DecodedVolumes(ladder[-1], ladder, grid, mask, counts, parts)
+    return DecodedVolumes(ladder[-1], ladder, grid, mask, counts, parts, reused)
 
 
 def decode_dense(query_fn: QueryFn, parts: Sequence[int], resolution: int, *,

@@ -96,6 +96,7 @@ class PartResult:
     raw_faces: int = 0              # marching-cubes faces before clean-up
     color: np.ndarray | None = None
     area: float | None = None       # surface area in the input frame (None: from the mesh)
+    reused: list[int] = field(default_factory=list)    # per level: values from the level before
 
     @property
     def name(self) -> str:
@@ -114,6 +115,7 @@ class PartResult:
                 "area": (self.area if self.area is not None else float(m.area))
                 if m is not None else 0.0,
                 "raw_faces": int(self.raw_faces), "queries": list(self.queries),
+                "reused": list(self.reused),
                 "color": None if self.color is None else [int(c) for c in self.color]}
 
 
@@ -369,7 +371,8 @@ class XPartPipeline:
         fine = torch.float64 if self.numerics is Numerics.EXACT else torch.float32
         chunk = memory.items_that_fit(96, self.device, minimum=65536, maximum=1 << 23)
         return decoding.decode_volumes(self._query_fn(kv), ids, octree_resolution,
-                                       device=self.device, chunk=chunk, fine_dtype=fine)
+                                       device=self.device, chunk=chunk, fine_dtype=fine,
+                                       reuse=decoding.reuse_from_env())
 
     # ---------------------------------------------------------------- the call
 
@@ -488,12 +491,14 @@ class XPartPipeline:
             colors = part_colors(k)
         query = self._query_fn(kv)
         results: list[PartResult] = []
-        counters: dict[str, Any] = {"queries_per_level": [], "raw_faces": [], "faces": []}
+        counters: dict[str, Any] = {"queries_per_level": [], "reused_per_level": [],
+                                    "raw_faces": [], "faces": []}
         bar = _bar(progress, k, "decoding", "part")
         # One coarse pass for all parts, then every part's fine levels; each part is meshed
         # as it arrives, so only one part's fine grids are alive at a time.
         parts = decoding.iter_volumes(query, list(range(k)), octree_resolution, device=dev,
-                                      chunk=chunk, fine_dtype=fine_dtype)
+                                      chunk=chunk, fine_dtype=fine_dtype,
+                                      reuse=decoding.reuse_from_env())
         while True:
             with prof.stage("volume_decode"):
                 vol = next(parts, None)
@@ -503,7 +508,7 @@ class XPartPipeline:
             with prof.stage("marching_cubes"):
                 verts, faces = marching_cubes(vol.grid, decoding.MC_LEVEL, mask=vol.mask)
             raw = int(faces.shape[0])
-            qs = list(vol.queries)
+            qs, reused = list(vol.queries), list(vol.reused)
             resolution = vol.resolution
             del vol
             with prof.stage("cleanup"):
@@ -512,8 +517,10 @@ class XPartPipeline:
                 log.warning("part %d (box %d) produced no surface; skipped", pi,
                             prep.box_index[pi])
             results.append(PartResult(pi, prep.box_index[pi], kept_world[pi], part_mesh,
-                                      qs, raw, np.asarray(colors[pi % len(colors)]), area))
+                                      qs, raw, np.asarray(colors[pi % len(colors)]), area,
+                                      reused))
             counters["queries_per_level"].append(qs)
+            counters["reused_per_level"].append(reused)
             counters["raw_faces"].append(raw)
             counters["faces"].append(0 if part_mesh is None else int(len(part_mesh.faces)))
             if bar:
@@ -521,6 +528,9 @@ class XPartPipeline:
         if bar:
             bar.close()
         counters["queries_total"] = int(sum(sum(q) for q in counters["queries_per_level"]))
+        # the official decoder's query count (it queries the reused vertices again)
+        counters["grid_values_total"] = counters["queries_total"] + int(
+            sum(sum(r) for r in counters["reused_per_level"]))
         return results, counters
 
     def _finish_part(self, verts: torch.Tensor, faces: torch.Tensor, resolution: int,
