@@ -112,6 +112,19 @@ def test_sample_mesh_quirks():
     assert np.array_equal(surf[:len(p)], exp)
 
 
+def test_object_surface_samples_only_the_kept_rows_identically():
+    """object_surface computes only the 81 920 kept rows of the 249 856 samples; the result
+    is bit for bit surface_points(sample_mesh(...)), fill-mesh rows included."""
+    mesh = _two_boxes_mesh()
+    v, f = mesh.vertices, mesh.faces
+    full = pp.sample_mesh(v, f, seed=7)
+    rows = np.random.default_rng(7).choice(pp.SAMPLE_NUM, 4096, replace=False)
+    main_num = pp._sample_meshes(v, f)[0][1]
+    assert (rows >= main_num).any()                 # some kept rows come from the fill
+    assert torch.equal(pp.object_surface(v, f, seed=7, n_points=4096),
+                       pp.surface_points(full, seed=7, n_points=4096))
+
+
 def test_surface_points_choice_and_normals():
     rng = np.random.default_rng(0)
     raw = np.concatenate([rng.normal(size=(5000, 3)), rng.normal(size=(5000, 3)) * 3],

@@ -94,54 +94,96 @@ def denormalize(vertices: np.ndarray, center: np.ndarray, scale: float) -> np.nd
 
 # --------------------------------------------------------------------------- object surface
 
-def _random_sample(mesh: trimesh.Trimesh, num: int, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``random_sample_pointcloud``: sample_surface(seed), face normals, then a
-    ``default_rng(seed).choice(num, num, replace=False)`` permutation."""
-    points, face_idx = trimesh.sample.sample_surface(mesh, num, seed=seed)
-    normals = mesh.face_normals[face_idx]
-    index = np.random.default_rng(seed=seed).choice(num, num, replace=False)
-    return points[index], normals[index]
+def _random_sample_rows(mesh: trimesh.Trimesh, num: int, seed: int, rows: np.ndarray
+                        ) -> np.ndarray:
+    """Rows ``rows`` of ``random_sample_pointcloud`` as float16 ``[len(rows), 6]`` (xyz,
+    face normal): ``trimesh.sample.sample_surface(mesh, num, seed)``, the face normals,
+    then a ``default_rng(seed).choice(num, num, replace=False)`` permutation.
+
+    Every draw is made as trimesh makes it, but the arithmetic after the draws (face
+    search, barycentric point) is element-wise, so it runs only for the requested rows:
+    bit-identical to sampling all ``num`` points and selecting (checked in the tests)."""
+    rng = np.random.default_rng(seed)              # trimesh's random_generator(seed)
+    cum = np.cumsum(mesh.area_faces)
+    pick = rng.random(num)
+    lengths = rng.random((num, 2, 1))
+    perm = np.random.default_rng(seed=seed).choice(num, num, replace=False)
+    s = perm[np.asarray(rows)]
+    face = np.searchsorted(cum, pick[s] * cum[-1])
+    lengths = lengths[s]
+    flip = lengths.sum(axis=1).reshape(-1) > 1.0
+    lengths[flip] -= 1.0
+    lengths = np.abs(lengths)
+    verts, faces = mesh.vertices, mesh.faces[face]
+    origins = verts[faces[:, 0]]
+    vectors = verts[faces[:, 1:]] - np.tile(origins, (1, 2)).reshape((-1, 2, 3))
+    points = (vectors * lengths).sum(axis=1) + origins
+    return np.concatenate((points, mesh.face_normals[face]), axis=1).astype(np.float16)
+
+
+def _sample_meshes(vertices: np.ndarray, faces: np.ndarray
+                   ) -> list[tuple[trimesh.Trimesh, int]]:
+    """``SampleMesh``'s two meshes and their sample counts: the mesh without its last face,
+    and the last face alone as a "fill" mesh (official quirk: origin_num = -1 slices
+    F[:-1] / F[-1:]; the fill almost always gets 0 of the samples)."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces)
+    if len(f) < 2:
+        raise ValueError("mesh needs at least two faces")
+    main = trimesh.Trimesh(vertices=v, faces=f[:-1])
+    fill = trimesh.Trimesh(vertices=v, faces=f[-1:])
+    area, area_fill = main.area, fill.area
+    num_fill = int(SAMPLE_NUM * (area_fill / (area + area_fill)))
+    return [(main, SAMPLE_NUM - num_fill), (fill, num_fill)]
+
+
+def _sample_mesh_rows(vertices: np.ndarray, faces: np.ndarray, seed: int, rows: np.ndarray
+                      ) -> np.ndarray:
+    """Rows ``rows`` of :func:`sample_mesh` (only those are computed)."""
+    rows = np.asarray(rows)
+    out = np.empty((len(rows), 6), dtype=np.float16)
+    start = 0
+    for mesh, num in _sample_meshes(vertices, faces):
+        sel = (rows >= start) & (rows < start + num)
+        if num > 0 and sel.any():
+            out[sel] = _random_sample_rows(mesh, num, seed, rows[sel] - start)
+        start += num
+    return out
 
 
 def sample_mesh(vertices: np.ndarray, faces: np.ndarray, seed: int = 42) -> np.ndarray:
     """``SampleMesh(V, F, -1, seed)["random_surface"]``: float16 ``[249856, 6]``
     (xyz, face normal).  The discarded sharp-edge cloud is not computed (module doc)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces)
-    if len(f) < 2:
-        raise ValueError("mesh needs at least two faces")
-    # Official quirk: origin_num = -1 slices F[:-1] / F[-1:], so the last face is sampled
-    # as a separate "fill" mesh (with almost always 0 samples).
-    main = trimesh.Trimesh(vertices=v, faces=f[:-1])
-    fill = trimesh.Trimesh(vertices=v, faces=f[-1:])
-    area, area_fill = main.area, fill.area
-    num_fill = int(SAMPLE_NUM * (area_fill / (area + area_fill)))
-    num = SAMPLE_NUM - num_fill
-    pts, nrm = _random_sample(main, num, seed)
-    parts = [np.concatenate((pts, nrm), axis=1).astype(np.float16)]
-    if num_fill > 0:
-        pf, nf = _random_sample(fill, num_fill, seed)
-        parts.append(np.concatenate((pf, nf), axis=1).astype(np.float16))
-    return np.concatenate(parts, axis=0)
+    return _sample_mesh_rows(vertices, faces, seed, np.arange(SAMPLE_NUM))
+
+
+def _surface_rows(seed: int, n_points: int, total: int = SAMPLE_NUM) -> np.ndarray:
+    """The rows ``load_surface_points`` keeps: ``default_rng(seed).choice(total, n)``."""
+    return np.random.default_rng(seed=seed).choice(total, n_points, replace=False)
+
+
+def _surface_tensor(rows: np.ndarray) -> torch.Tensor:
+    """float16 rows ``[n, 6]`` → float32 ``[n, 7]``: xyz, L2-normalised normal, label 0."""
+    sel = np.concatenate((rows, np.zeros((rows.shape[0], 1))), axis=1)
+    t = torch.from_numpy(sel).float()
+    normal = torch.nn.functional.normalize(t[:, 3:6], p=2, dim=1)
+    return torch.cat([t[:, 0:3], normal, t[:, 6:7]], dim=-1)
 
 
 def surface_points(random_surface: np.ndarray, seed: int = 42,
                    n_points: int = SURFACE_POINTS) -> torch.Tensor:
     """``load_surface_points(default_rng(seed), ..., pc_size=n, pc_sharpedge_size=0)``:
     float32 ``[n, 7]`` = xyz, L2-normalised normal, sharp label 0."""
-    rng = np.random.default_rng(seed=seed)
-    ind = rng.choice(random_surface.shape[0], n_points, replace=False)
-    sel = np.concatenate((random_surface[ind], np.zeros((n_points, 1))), axis=1)
-    t = torch.from_numpy(sel).float()
-    normal = torch.nn.functional.normalize(t[:, 3:6], p=2, dim=1)
-    return torch.cat([t[:, 0:3], normal, t[:, 6:7]], dim=-1)
+    ind = _surface_rows(seed, n_points, random_surface.shape[0])
+    return _surface_tensor(random_surface[ind])
 
 
 def object_surface(vertices: np.ndarray, faces: np.ndarray, seed: int = 42,
                    n_points: int = SURFACE_POINTS) -> torch.Tensor:
-    """The object point cloud the conditioner reads: ``[n, 7]`` float32 (CPU)."""
-    return surface_points(sample_mesh(vertices, faces, seed), seed, n_points)
+    """The object point cloud the conditioner reads: ``[n, 7]`` float32 (CPU);
+    ``surface_points(sample_mesh(...))`` with only the kept rows sampled."""
+    rows = _surface_rows(seed, n_points)
+    return _surface_tensor(_sample_mesh_rows(vertices, faces, seed, rows))
 
 
 # --------------------------------------------------------------------------- part surfaces
