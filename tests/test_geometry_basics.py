@@ -60,5 +60,6 @@ def test_fps_triton_matches_torch_loop():
             fps_mod.USE_TRITON = False
             ref = farthest_point_sampling(pts, k, start, ties=ties, init_dist=init)
             fps_mod.USE_TRITON = True
-            ours = fps_triton(pts, k, start, ties=ties, init_dist=init)
-            assert torch.equal(ours, ref), (b, n, k, ties)
+            for resident in (True, False):  # slices in registers / streamed from L2
+                ours = fps_triton(pts, k, start, ties=ties, init_dist=init, resident=resident)
+                assert torch.equal(ours, ref), (b, n, k, ties, resident)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import textwrap
 
 import pytest
@@ -504,3 +505,71 @@ def test_fused_path_on_cuda_matches_eager():
             torch.testing.assert_close(out.float(), ref.float(), rtol=0,
                                        atol=0.02 * max(1.0, ref.float().abs().max().item()))
     assert not geo.failed_modes
+
+
+# --------------------------------------------------------------------------- head LayerNorm
+
+def _bf16_ulps(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|x − y| in bf16 ulps of y (bit distance of same-sign values)."""
+    a = x.view(torch.int16).int()
+    b = y.view(torch.int16).int()
+    return (a - b).abs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the head LayerNorm kernel runs on "
+                    "CUDA (its interpreter check is test_head_norm_kernel_in_interpreter)")
+def test_head_norm_kernel_equals_torch_on_gpu():
+    _check_head_norm(torch.device("cuda"))
+
+
+def test_head_norm_kernel_in_interpreter():
+    pytest.importorskip("triton")
+    run_in_triton_interpreter(textwrap.dedent("""
+        import torch
+        from test_vae import _check_head_norm
+        _check_head_norm(torch.device("cpu"))
+        print("ok")
+    """))
+
+
+def _check_head_norm(dev):
+    """q_norm / k_norm as one Triton pass (fast) against the PyTorch ops: the k half of a
+    fused k/v output (strided heads), bf16 and fp32 results, same rounding points."""
+    from torch import nn
+    from turbopart.nn.kernels import rownorm
+    from turbopart.xpart.vae_blocks import head_norm, layer_norm
+    g = torch.Generator(device=dev).manual_seed(0)
+    b, n, h, d = 2, 37, 4, 64
+    kv = (3 * torch.randn(b, n, h, 2, d, device=dev, generator=g) + 0.5).to(torch.bfloat16)
+    ln = nn.LayerNorm(d, eps=1e-6).to(dev)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.1 * torch.randn(d, device=dev, generator=g))
+        ln.bias.copy_(0.1 * torch.randn(d, device=dev, generator=g))
+    k = kv[..., 0, :]
+    ref = layer_norm(k, ln).to(torch.bfloat16)
+    got = head_norm(k, ln, torch.bfloat16, fused=True)
+    assert got.shape == (b, n, h, d) and got.is_contiguous()
+    ulps = _bf16_ulps(got, ref)
+    assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 0.02
+    out32 = torch.empty(b * n, h, d, device=dev)
+    rownorm.ln_heads(k.view(b * n, h, d), ln.weight, ln.bias, 1e-6, out32)
+    assert torch.allclose(out32.view(b, n, h, d), layer_norm(k, ln), atol=2e-5, rtol=2e-5)
+    v0 = kv[..., 1, :].clone()
+    heads = kv.view(b * n, h, 2, d)[:, :, 0]              # strided [rows, H, d] view
+    rownorm.ln_heads(heads, ln.weight, ln.bias, 1e-6, heads)  # in place
+    assert torch.equal(kv[..., 1, :], v0)
+    assert int(_bf16_ulps(kv[..., 0, :], ref).max()) <= 1
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the interpreter runs the kernel on the CPU")
+def test_head_norm_without_kernels_is_the_torch_ops():
+    """On the CPU (no interpreter), and for exact (fused=False), head_norm is exactly the
+    official op sequence."""
+    from torch import nn
+    from turbopart.xpart.vae_blocks import head_norm, layer_norm
+    x = torch.randn(2, 5, 3, 2, 16, generator=torch.Generator().manual_seed(1))[..., 0, :]
+    ln = nn.LayerNorm(16, eps=1e-6)
+    for fused in (False, True):
+        assert torch.equal(head_norm(x.bfloat16(), ln, torch.bfloat16, fused),
+                           layer_norm(x.bfloat16(), ln).to(torch.bfloat16))

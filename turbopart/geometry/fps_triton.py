@@ -3,8 +3,9 @@
 The plain loop in :mod:`turbopart.geometry.fps` launches a few kernels per pick: 4096 picks
 over 16 clouds of 81 920 points cost ~275 ms of launch latency on an H100.  Here every cloud
 is split over ``P`` programs that each own a contiguous slice of its points; per pick each
-program updates the running distances of its slice (from L2), reduces its local
-(max, index), publishes it, and all ``P`` programs of the cloud meet at a barrier (an atomic
+program updates the running distances of its slice (held in registers for all picks when
+the slice is small enough, else re-read from L2), reduces its local (max, index),
+publishes it, and all ``P`` programs of the cloud meet at a barrier (an atomic
 counter) before reading the ``P`` partial results and agreeing on the next pick.  The
 kernel launches once for all picks.
 
@@ -14,6 +15,8 @@ squared distances ``dx*dx + dy*dy + dz*dz`` in fp32 without FMA contraction, run
 minimum, ties to the first or last index.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -92,14 +95,81 @@ if triton is not None:
                 else:
                     cur = tl.min(tl.where(vals == gv, idxs, n), axis=0)
 
+    @triton.jit
+    def _fps_resident_kernel(x_ptr, y_ptr, z_ptr, start_ptr, out_ptr, part_v_ptr, part_i_ptr,
+                             count_ptr, n, slice_len, n_samples, init_dist,
+                             P: tl.constexpr, SLICE: tl.constexpr, LAST: tl.constexpr):
+        """:func:`_fps_kernel` with each program's whole slice (≤ SLICE points) and its
+        running distances held in registers for all picks: per pick only the picked
+        point is read from memory, no slice re-read from L2."""
+        pid = tl.program_id(0)
+        b = pid // P
+        p = pid % P
+        lo = p * slice_len
+        base = b.to(tl.int64) * n
+        offs = lo + tl.arange(0, SLICE)
+        m = offs < tl.minimum(lo + slice_len, n)
+        x = tl.load(x_ptr + base + offs, mask=m, other=0.0)
+        y = tl.load(y_ptr + base + offs, mask=m, other=0.0)
+        z = tl.load(z_ptr + base + offs, mask=m, other=0.0)
+        dist = tl.where(m, tl.full([SLICE], init_dist, tl.float32), -float("inf"))
+        cur = tl.load(start_ptr + b)
+        for i in range(n_samples):
+            if p == 0:
+                tl.store(out_ptr + b.to(tl.int64) * n_samples + i, cur)
+            cx = tl.load(x_ptr + base + cur)
+            cy = tl.load(y_ptr + base + cur)
+            cz = tl.load(z_ptr + base + cur)
+            dx = x - cx
+            dy = y - cy
+            dz = z - cz
+            d = dx * dx + dy * dy
+            d = d + dz * dz
+            dist = tl.where(m, tl.minimum(dist, d), -float("inf"))
+            mv = tl.max(dist, axis=0)
+            if LAST:
+                mi = tl.max(tl.where(dist == mv, offs, -1), axis=0).to(tl.int64)
+            else:
+                mi = tl.min(tl.where(dist == mv, offs, n), axis=0).to(tl.int64)
+            if P == 1:
+                cur = mi
+            else:
+                slot = (b * 2 + (i % 2)) * P + p
+                tl.store(part_v_ptr + slot, mv)
+                tl.store(part_i_ptr + slot, mi)
+                target = (i + 1) * P
+                c = tl.atomic_add(count_ptr + b, 1, sem="acq_rel") + 1
+                while c < target:
+                    c = tl.atomic_add(count_ptr + b, 0, sem="acquire")
+                q = tl.arange(0, P)
+                row = (b * 2 + (i % 2)) * P + q
+                vals = tl.load(part_v_ptr + row, volatile=True)
+                idxs = tl.load(part_i_ptr + row, volatile=True)
+                gv = tl.max(vals, axis=0)
+                if LAST:
+                    cur = tl.max(tl.where(vals == gv, idxs, -1), axis=0)
+                else:
+                    cur = tl.min(tl.where(vals == gv, idxs, n), axis=0)
+
+
+#: Largest per-program slice kept in registers (:func:`_fps_resident_kernel`, 16 warps of
+#: 32 points per thread); larger slices stream from L2 (:func:`_fps_kernel`).  16 clouds of
+#: 81 920 points, 4096 picks on an H100: 15.3 ms against 52.8 ms streamed (BENCHMARKS.md).
+RESIDENT_SLICE = 16384
+
 
 def available(points: torch.Tensor) -> bool:
     return triton is not None and points.is_cuda
 
 
 def fps_triton(points: torch.Tensor, n_samples: int, start: torch.Tensor, *, ties: str,
-               init_dist: float) -> torch.Tensor:
-    """[B, n_samples] picks; ``points`` [B, N, 3] on CUDA, ``start`` [B] int64."""
+               init_dist: float, resident: bool | None = None) -> torch.Tensor:
+    """[B, n_samples] picks; ``points`` [B, N, 3] on CUDA, ``start`` [B] int64.
+
+    ``resident``: keep every program's slice in registers where it has at most
+    :data:`RESIDENT_SLICE` points (:func:`_fps_resident_kernel`; default unless
+    ``TURBOPART_FPS_RESIDENT=0``), or stream it from L2 (:func:`_fps_kernel`).  Both give
+    the same picks."""
     b, n, _ = points.shape
     pts = points.float()
     xyz = [pts[..., a].contiguous() for a in range(3)]
@@ -108,14 +178,22 @@ def fps_triton(points: torch.Tensor, n_samples: int, start: torch.Tensor, *, tie
     per_cloud = max(1, min(sms // max(b, 1), n // 2048))
     p = 1 << (per_cloud.bit_length() - 1)  # a power of two (tl.arange)
     slice_len = -(-n // p)
-    block = 1024
-    dist = torch.full((b, n), init_dist, dtype=torch.float32, device=dev)
     out = torch.empty(b, n_samples, dtype=torch.int64, device=dev)
     part_v = torch.empty(b * 2 * p, dtype=torch.float32, device=dev)
     part_i = torch.empty(b * 2 * p, dtype=torch.int64, device=dev)
     count = torch.zeros(b, dtype=torch.int32, device=dev)
-    _fps_kernel[(b * p,)](xyz[0], xyz[1], xyz[2], dist, start.to(dev, torch.int64).contiguous(),
-                          out, part_v, part_i, count, n, slice_len, n_samples,
-                          P=p, BLOCK=block, LAST=(ties == "last"), num_warps=4,
-                          enable_fp_fusion=False)
+    start = start.to(dev, torch.int64).contiguous()
+    if resident is None:
+        resident = os.environ.get("TURBOPART_FPS_RESIDENT", "1") != "0"
+    if resident and slice_len <= RESIDENT_SLICE:
+        sl = max(1024, triton.next_power_of_2(slice_len))
+        _fps_resident_kernel[(b * p,)](
+            xyz[0], xyz[1], xyz[2], start, out, part_v, part_i, count, n, slice_len,
+            n_samples, float(init_dist), P=p, SLICE=sl, LAST=(ties == "last"),
+            num_warps=min(16, max(4, sl // 1024)), enable_fp_fusion=False)
+        return out
+    dist = torch.full((b, n), init_dist, dtype=torch.float32, device=dev)
+    _fps_kernel[(b * p,)](xyz[0], xyz[1], xyz[2], dist, start, out, part_v, part_i, count, n,
+                          slice_len, n_samples, P=p, BLOCK=1024, LAST=(ties == "last"),
+                          num_warps=4, enable_fp_fusion=False)
     return out

@@ -63,6 +63,37 @@ def layer_norm(x: torch.Tensor, ln: nn.Module) -> torch.Tensor:
     return F.layer_norm(x.float(), ln.normalized_shape, w, b, ln.eps)
 
 
+def head_norm(x: torch.Tensor, ln: nn.Module, cdt: torch.dtype, fused: bool
+              ) -> torch.Tensor:
+    """``layer_norm(x, ln).to(cdt)`` of a head view ``[B, N, H, d]`` (q_norm / k_norm),
+    as a new ``[B, N, H, d]`` tensor.
+
+    ``fused`` (the caller's weights are stored in ``cdt``, i.e. ``fast``), on a device where
+    Triton runs: one kernel pass over the strided heads
+    (:func:`~turbopart.nn.kernels.rownorm.ln_heads`: fp32 statistics, one rounding to
+    ``cdt``, the same rounding points; only the fp32 reduction order differs) instead of
+    PyTorch's copy → fp32 LayerNorm → cast, whose kernel is slow on 64-wide rows (≈ 50 ms
+    of a K = 8 conditioner call).  Otherwise, and after a kernel failure, the PyTorch ops.
+    """
+    def ref():
+        return layer_norm(x, ln).to(cdt)
+    if not (fused and isinstance(ln, nn.LayerNorm) and ln.weight is not None
+            and ln.bias is not None and x.dim() == 4):
+        return ref()
+    from ..nn import kernels
+    if not kernels.available(x.device):
+        return ref()
+    from ..nn.kernels import decoder_triton, rownorm
+    b, n, h, d = x.shape
+    out = torch.empty((b, n, h, d), dtype=cdt, device=x.device)
+
+    def fused_path():
+        rownorm.ln_heads(x.view(b * n, h, d), ln.weight, ln.bias, ln.eps,
+                         out.view(b * n, h, d))
+        return out
+    return decoder_triton.run_or_fallback("ln_heads", fused_path, ref)
+
+
 def _norm(d: int, qk_norm: bool) -> nn.Module:
     return nn.LayerNorm(d, eps=BLOCK_EPS) if qk_norm else nn.Identity()
 
@@ -101,8 +132,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = linear(x, self.c_qkv, cdt).view(b, n, self.heads, 3, -1)
-        q = layer_norm(qkv[..., 0, :], self.attention.q_norm).to(cdt)
-        k = layer_norm(qkv[..., 1, :], self.attention.k_norm).to(cdt)
+        fused = self.c_qkv.weight.dtype == cdt
+        q = head_norm(qkv[..., 0, :], self.attention.q_norm, cdt, fused)
+        k = head_norm(qkv[..., 1, :], self.attention.k_norm, cdt, fused)
         v = qkv[..., 2, :]
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return linear(out.transpose(1, 2).reshape(b, n, -1), self.c_proj, cdt)
@@ -130,7 +162,7 @@ class CrossAttention(nn.Module):
         """Keys (after k_norm) and values of ``data`` (already through ln_2)."""
         b, t, _ = data_normed.shape
         kv = linear(data_normed, self.c_kv, cdt).view(b, t, self.heads, 2, -1)
-        k = layer_norm(kv[..., 0, :], self.attention.k_norm).to(cdt)
+        k = head_norm(kv[..., 0, :], self.attention.k_norm, cdt, self.c_kv.weight.dtype == cdt)
         return KV(k.transpose(1, 2).contiguous(), kv[..., 1, :].transpose(1, 2).contiguous())
 
     def kv_into(self, data_normed: torch.Tensor, cdt: torch.dtype, out: KV, start: int) -> None:
@@ -144,7 +176,8 @@ class CrossAttention(nn.Module):
         """q after q_norm, [B, H, N, d] (a transposed view)."""
         b, n, _ = x_normed.shape
         q = linear(x_normed, self.c_q, cdt).view(b, n, self.heads, -1)
-        return layer_norm(q, self.attention.q_norm).to(cdt).transpose(1, 2)
+        return head_norm(q, self.attention.q_norm, cdt,
+                         self.c_q.weight.dtype == cdt).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, kv: KV, cdt: torch.dtype) -> torch.Tensor:
         b, _, n, _ = q.shape

@@ -73,7 +73,7 @@ def run_or_fallback(name: str, fn: Callable, fallback: Callable):
     except Exception as exc:  # noqa: BLE001 - any compile/launch failure → PyTorch path
         msg = f"{type(exc).__name__}: {exc}"
         _DISABLED[name] = msg[:500]
-        warnings.warn(f"turbopart geometry decoding: Triton kernel '{name}' failed ({msg[:300]}); "
+        warnings.warn(f"turbopart: Triton kernel '{name}' failed ({msg[:300]}); "
                       f"using the PyTorch path for it from now on", RuntimeWarning, stacklevel=3)
         return fallback()
 

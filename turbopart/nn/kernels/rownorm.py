@@ -178,6 +178,25 @@ if HAVE_TRITON:  # pragma: no branch
             tl.store(y2_ptr + rows[:, None] * y2_rs + head * y2_hs + cols[None, :],
                      _cvt(y2, y2_ptr, EMU), mask=m2)
 
+    @triton.jit(do_not_specialize=["R"])
+    def _ln_heads_kernel(x_ptr, x_rs, x_hs, y_ptr, y_rs, y_hs, w_ptr, b_ptr, eps, R,
+                         HD: tl.constexpr, BR: tl.constexpr, EMU: tl.constexpr):
+        """Per-head LayerNorm: BR rows of one head, fp32 two-pass statistics, one rounding."""
+        pid = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        rows = (pid * BR + tl.arange(0, BR)).to(tl.int64)
+        m2 = (rows < R)[:, None]
+        cols = tl.arange(0, HD)
+        x = tl.load(x_ptr + rows[:, None] * x_rs + head * x_hs + cols[None, :], mask=m2,
+                    other=0.0).to(tl.float32)
+        xc = x - (tl.sum(x, axis=1) / HD)[:, None]
+        var = tl.sum(xc * xc, axis=1) / HD
+        y = xc * tl.rsqrt(var + eps)[:, None]
+        y = y * tl.load(w_ptr + cols).to(tl.float32)[None, :]
+        y = y + tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * y_rs + head * y_hs + cols[None, :],
+                 _cvt(y, y_ptr, EMU), mask=m2)
+
 
 LNSpec = tuple  # (weight | None, bias | None, eps)
 
@@ -342,3 +361,21 @@ def rms_heads(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor, *
         x23, x2rs, x2hs, y23, y2rs, y2hs, w2 if w2 is not None else w,
         float(eps if eps2 is None else eps2),
         r, HD=hd, TWO=two, DOUBLE=bool(double), BR=br, EMU=interpreting(), num_warps=4)
+
+
+def ln_heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+             out: torch.Tensor) -> None:
+    """Per-head LayerNorm (with weight and bias) of ``x`` [R, H, hd] into ``out`` (same
+    shape, any dtype; may alias ``x``): ``cast(LN_fp32(x))``, the VAE's q_norm / k_norm
+    under autocast (fp32 LayerNorm, fp32 result, then ``.to(bf16)``) in one pass over a
+    strided head view (e.g. the k half of a fused k/v GEMM output)."""
+    hd = x.shape[-1]
+    if hd & (hd - 1):
+        raise ValueError("head_dim must be a power of two")
+    x3, xrs, xhs = _heads(x)
+    y3, yrs, yhs = _heads(out)
+    r, h = x3.shape[0], x3.shape[1]
+    br = max(1, min(64, 4096 // hd))
+    _ln_heads_kernel[(triton.cdiv(r, br), h)](
+        x3, xrs, xhs, y3, yrs, yhs, w, b, float(eps), r, HD=hd, BR=br, EMU=interpreting(),
+        num_warps=4)
