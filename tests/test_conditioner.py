@@ -151,6 +151,30 @@ def test_nearest_neighbors_equals_argmin_of_cdist(seed):
 
 
 @needs_gpu
+def test_nearest_neighbors_fused_kernel_on_cuda():
+    """fast's one-kernel search against the chunked cuBLAS formula: the same point, except
+    where two points are (nearly) equally far (the five-term sum may round differently)."""
+    g = torch.Generator().manual_seed(3)
+    pts = (torch.rand(81920, 3, generator=g) * 2 - 1).half().float()   # duplicates
+    queries = torch.cat([pts[torch.randint(0, len(pts), (4, 1500), generator=g)],
+                         torch.rand(4, 500, 3, generator=g) * 2.2 - 1.1], dim=1)
+    pts, queries = pts.cuda(), queries.cuda()
+    ref = nearest_neighbors(queries, pts)
+    got = nearest_neighbors(queries, pts, fused=True)
+    assert got.shape == ref.shape and got.dtype == torch.long
+    diff = got != ref
+    assert float(diff.float().mean()) < 1e-3
+    q = queries[diff]
+    d_got = (pts[got[diff]] - q).norm(dim=-1)
+    d_ref = (pts[ref[diff]] - q).norm(dim=-1)
+    assert torch.allclose(d_got, d_ref, rtol=1e-5, atol=1e-6)
+    # exact duplicates: the first index wins, as in argmin
+    dup = torch.tensor([[0.5, 0.5, 0.5]] * 300 + [[0.1, 0.2, 0.3]], device="cuda")
+    qd = torch.tensor([[[0.5, 0.5, 0.5], [0.1, 0.2, 0.31]]], device="cuda")
+    assert nearest_neighbors(qd, dup, fused=True).tolist() == [[0, 300]]
+
+
+@needs_gpu
 def test_graphed_fps_is_bit_identical_on_cuda():
     from turbopart.geometry.fps import farthest_point_sampling
     from turbopart.xpart.graphed_fps import GraphedFPS

@@ -363,6 +363,7 @@ class Conditioner(nn.Module):
         and the matches.
         """
         numerics = Numerics.parse(numerics)
+        fast = numerics is Numerics.FAST
         if obj_match not in ("index", "search"):
             raise ValueError("obj_match must be 'index' or 'search'")
         if object_surface.dim() == 3:
@@ -406,12 +407,12 @@ class Conditioner(nn.Module):
                 if obj_match == "index" and not cpu_numpy_aliasing:
                     gm = obj_rows
                 else:
-                    gm = nearest_neighbors(obj_q, match_xyz)
+                    gm = nearest_neighbors(obj_q, match_xyz, fused=fast)
                 out["obj_cond"] = self._project(obj_lat, point_feat, gm,
                                                 getattr(self, "obj_out_proj", None), cdt)
                 out["nearest_global_matches"] = gm
             if self.use_geo:
-                lm = nearest_neighbors(geo_q, match_xyz)
+                lm = nearest_neighbors(geo_q, match_xyz, fused=fast)
                 out["geo_cond"] = self._project(geo_lat, point_feat, lm,
                                                 getattr(self, "geo_out_proj", None), cdt)
                 out["nearest_local_matches"] = lm

@@ -38,10 +38,12 @@ def _no_tf32(device: torch.device):
 
 
 def nearest_neighbors(queries: torch.Tensor, points: torch.Tensor, *,
-                      max_rows: int | None = None) -> torch.Tensor:
+                      max_rows: int | None = None, fused: bool = False) -> torch.Tensor:
     """Index [..., Q] (int64) of the nearest of ``points`` [N, 3] for every query [..., Q, 3].
 
     ``max_rows`` caps the query rows per chunk (default: what fits the memory budget).
+    ``fused`` (``fast``): one Triton kernel without the distance matrix where Triton runs
+    (:mod:`.nearest_triton`; the same formula, accumulated in a fixed order).
     """
     lead = queries.shape[:-1]
     q = queries.reshape(-1, queries.shape[-1]).float()
@@ -59,6 +61,13 @@ def nearest_neighbors(queries: torch.Tensor, points: torch.Tensor, *,
         return d.argmin(-1).reshape(lead)
     pn = p.pow(2).sum(-1, keepdim=True)
     p_ = torch.cat([p, torch.ones_like(pn), pn], dim=-1)               # [N, 5]
+    if fused and q.is_cuda:
+        from ..nn.kernels.decoder_triton import available, run_or_fallback
+        if available(q):
+            from . import nearest_triton
+            got = run_or_fallback("nearest", lambda: nearest_triton.nearest(q, p_), lambda: None)
+            if got is not None:
+                return got.reshape(lead)
     p_t = p_.t()
     rows = memory.items_that_fit(4 * n + 64, q.device, cap_bytes=MAX_CHUNK_BYTES,
                                 maximum=max_rows or q.shape[0])
