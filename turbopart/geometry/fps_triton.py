@@ -30,6 +30,45 @@ except Exception:  # pragma: no cover - CPU-only installs
 if triton is not None:
 
     @triton.jit
+    def _arg_at(vals, idx, best, n, LAST: tl.constexpr):
+        """The index of ``best`` among ``vals`` by the tie rule: the last (largest) or the
+        first (smallest, ``n`` where absent) of the indices ``idx`` holding it."""
+        if LAST:
+            out = tl.max(tl.where(vals == best, idx, -1), axis=0)
+        else:
+            out = tl.min(tl.where(vals == best, idx, n), axis=0)
+        return out
+
+    @triton.jit
+    def _pick(x_ptr, y_ptr, z_ptr, out_ptr, base, b, p, i, cur, n_samples):
+        """Record pick ``i`` (program 0 of the cloud) and load its coordinates."""
+        if p == 0:
+            tl.store(out_ptr + b.to(tl.int64) * n_samples + i, cur)
+        return (tl.load(x_ptr + base + cur), tl.load(y_ptr + base + cur),
+                tl.load(z_ptr + base + cur))
+
+    @triton.jit
+    def _agree(part_v_ptr, part_i_ptr, count_ptr, b, p, i, mv, mi, n, P: tl.constexpr,
+               LAST: tl.constexpr):
+        """Pick ``i + 1`` of cloud ``b``: every one of its ``P`` programs publishes its local
+        (max, index) in a double-buffered slot, meets the others at an atomic counter and
+        reduces the ``P`` results the same way."""
+        cur = mi
+        if P > 1:
+            slot = (b * 2 + (i % 2)) * P + p
+            tl.store(part_v_ptr + slot, mv)
+            tl.store(part_i_ptr + slot, mi)
+            target = (i + 1) * P
+            c = tl.atomic_add(count_ptr + b, 1, sem="acq_rel") + 1
+            while c < target:
+                c = tl.atomic_add(count_ptr + b, 0, sem="acquire")
+            row = (b * 2 + (i % 2)) * P + tl.arange(0, P)
+            vals = tl.load(part_v_ptr + row, volatile=True)
+            idxs = tl.load(part_i_ptr + row, volatile=True)
+            cur = _arg_at(vals, idxs, tl.max(vals, axis=0), n, LAST)
+        return cur
+
+    @triton.jit
     def _fps_kernel(x_ptr, y_ptr, z_ptr, dist_ptr, start_ptr, out_ptr, part_v_ptr, part_i_ptr,
                     count_ptr, n, slice_len, n_samples,
                     P: tl.constexpr, BLOCK: tl.constexpr, LAST: tl.constexpr):
@@ -42,11 +81,7 @@ if triton is not None:
         cur = tl.load(start_ptr + b)
         lane = tl.arange(0, BLOCK)
         for i in range(n_samples):
-            if p == 0:
-                tl.store(out_ptr + b.to(tl.int64) * n_samples + i, cur)
-            cx = tl.load(x_ptr + base + cur)
-            cy = tl.load(y_ptr + base + cur)
-            cz = tl.load(z_ptr + base + cur)
+            cx, cy, cz = _pick(x_ptr, y_ptr, z_ptr, out_ptr, base, b, p, i, cur, n_samples)
             best_v = tl.full([BLOCK], -float("inf"), tl.float32)
             best_i = tl.full([BLOCK], 0, tl.int64)
             for t in range(lo, hi, BLOCK):
@@ -71,29 +106,8 @@ if triton is not None:
                 best_v = tl.where(take, dist, best_v)
                 best_i = tl.where(take, offs.to(tl.int64), best_i)
             mv = tl.max(best_v, axis=0)
-            if LAST:
-                mi = tl.max(tl.where(best_v == mv, best_i, -1), axis=0)
-            else:
-                mi = tl.min(tl.where(best_v == mv, best_i, n), axis=0)
-            if P == 1:
-                cur = mi
-            else:
-                slot = (b * 2 + (i % 2)) * P + p
-                tl.store(part_v_ptr + slot, mv)
-                tl.store(part_i_ptr + slot, mi)
-                target = (i + 1) * P
-                c = tl.atomic_add(count_ptr + b, 1, sem="acq_rel") + 1
-                while c < target:
-                    c = tl.atomic_add(count_ptr + b, 0, sem="acquire")
-                q = tl.arange(0, P)
-                row = (b * 2 + (i % 2)) * P + q
-                vals = tl.load(part_v_ptr + row, volatile=True)
-                idxs = tl.load(part_i_ptr + row, volatile=True)
-                gv = tl.max(vals, axis=0)
-                if LAST:
-                    cur = tl.max(tl.where(vals == gv, idxs, -1), axis=0)
-                else:
-                    cur = tl.min(tl.where(vals == gv, idxs, n), axis=0)
+            mi = _arg_at(best_v, best_i, mv, n, LAST)
+            cur = _agree(part_v_ptr, part_i_ptr, count_ptr, b, p, i, mv, mi, n, P, LAST)
 
     @triton.jit
     def _fps_resident_kernel(x_ptr, y_ptr, z_ptr, start_ptr, out_ptr, part_v_ptr, part_i_ptr,
@@ -115,11 +129,7 @@ if triton is not None:
         dist = tl.where(m, tl.full([SLICE], init_dist, tl.float32), -float("inf"))
         cur = tl.load(start_ptr + b)
         for i in range(n_samples):
-            if p == 0:
-                tl.store(out_ptr + b.to(tl.int64) * n_samples + i, cur)
-            cx = tl.load(x_ptr + base + cur)
-            cy = tl.load(y_ptr + base + cur)
-            cz = tl.load(z_ptr + base + cur)
+            cx, cy, cz = _pick(x_ptr, y_ptr, z_ptr, out_ptr, base, b, p, i, cur, n_samples)
             dx = x - cx
             dy = y - cy
             dz = z - cz
@@ -127,29 +137,8 @@ if triton is not None:
             d = d + dz * dz
             dist = tl.where(m, tl.minimum(dist, d), -float("inf"))
             mv = tl.max(dist, axis=0)
-            if LAST:
-                mi = tl.max(tl.where(dist == mv, offs, -1), axis=0).to(tl.int64)
-            else:
-                mi = tl.min(tl.where(dist == mv, offs, n), axis=0).to(tl.int64)
-            if P == 1:
-                cur = mi
-            else:
-                slot = (b * 2 + (i % 2)) * P + p
-                tl.store(part_v_ptr + slot, mv)
-                tl.store(part_i_ptr + slot, mi)
-                target = (i + 1) * P
-                c = tl.atomic_add(count_ptr + b, 1, sem="acq_rel") + 1
-                while c < target:
-                    c = tl.atomic_add(count_ptr + b, 0, sem="acquire")
-                q = tl.arange(0, P)
-                row = (b * 2 + (i % 2)) * P + q
-                vals = tl.load(part_v_ptr + row, volatile=True)
-                idxs = tl.load(part_i_ptr + row, volatile=True)
-                gv = tl.max(vals, axis=0)
-                if LAST:
-                    cur = tl.max(tl.where(vals == gv, idxs, -1), axis=0)
-                else:
-                    cur = tl.min(tl.where(vals == gv, idxs, n), axis=0)
+            mi = _arg_at(dist, offs, mv, n, LAST).to(tl.int64)
+            cur = _agree(part_v_ptr, part_i_ptr, count_ptr, b, p, i, mv, mi, n, P, LAST)
 
 
 #: Largest per-program slice kept in registers (:func:`_fps_resident_kernel`, 16 warps of

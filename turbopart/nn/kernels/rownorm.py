@@ -332,6 +332,15 @@ def _heads(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return t, t.stride(0), t.stride(1)
 
 
+def _head_launch(x: torch.Tensor) -> tuple[int, int, tuple[int, int]]:
+    """(head_dim, rows per program, grid) of a per-head kernel over ``x`` [R, H, hd]."""
+    hd = x.shape[-1]
+    if hd & (hd - 1):
+        raise ValueError("head_dim must be a power of two")
+    br = max(1, min(64, 4096 // hd))
+    return hd, br, (triton.cdiv(x.shape[0], br), x.shape[1])
+
+
 def rms_heads(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor, *,
               x2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
               eps2: float | None = None, out2: torch.Tensor | None = None,
@@ -342,25 +351,21 @@ def rms_heads(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor, *
     round the normalised value first, PyTorch 2.4–2.6).  ``x2``/``out2`` (optional): a
     second tensor of the same shape normalised in the same launch (q and k).
     """
-    hd = x.shape[-1]
-    if hd & (hd - 1):
-        raise ValueError("head_dim must be a power of two")
+    hd, br, grid = _head_launch(x)
     x3, xrs, xhs = _heads(x)
     y3, yrs, yhs = _heads(out)
-    r, h = x3.shape[0], x3.shape[1]
     two = x2 is not None
     if two:
         x23, x2rs, x2hs = _heads(x2)
         y23, y2rs, y2hs = _heads(out2)
     else:
         x23, x2rs, x2hs, y23, y2rs, y2hs = x3, 0, 0, y3, 0, 0
-    br = max(1, min(64, 4096 // hd))
-    grid = (triton.cdiv(r, br), h)
     _rms_heads_kernel[grid](
         x3, xrs, xhs, y3, yrs, yhs, w, float(eps),
         x23, x2rs, x2hs, y23, y2rs, y2hs, w2 if w2 is not None else w,
         float(eps if eps2 is None else eps2),
-        r, HD=hd, TWO=two, DOUBLE=bool(double), BR=br, EMU=interpreting(), num_warps=4)
+        x3.shape[0], HD=hd, TWO=two, DOUBLE=bool(double), BR=br, EMU=interpreting(),
+        num_warps=4)
 
 
 def ln_heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
@@ -369,13 +374,9 @@ def ln_heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
     shape, any dtype; may alias ``x``): ``cast(LN_fp32(x))``, the VAE's q_norm / k_norm
     under autocast (fp32 LayerNorm, fp32 result, then ``.to(bf16)``) in one pass over a
     strided head view (e.g. the k half of a fused k/v GEMM output)."""
-    hd = x.shape[-1]
-    if hd & (hd - 1):
-        raise ValueError("head_dim must be a power of two")
+    hd, br, grid = _head_launch(x)
     x3, xrs, xhs = _heads(x)
     y3, yrs, yhs = _heads(out)
-    r, h = x3.shape[0], x3.shape[1]
-    br = max(1, min(64, 4096 // hd))
-    _ln_heads_kernel[(triton.cdiv(r, br), h)](
-        x3, xrs, xhs, y3, yrs, yhs, w, b, float(eps), r, HD=hd, BR=br, EMU=interpreting(),
-        num_warps=4)
+    _ln_heads_kernel[grid](
+        x3, xrs, xhs, y3, yrs, yhs, w, b, float(eps), x3.shape[0], HD=hd, BR=br,
+        EMU=interpreting(), num_warps=4)
