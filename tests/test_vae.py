@@ -177,7 +177,16 @@ def test_encode_draws_from_generator_deterministically():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_query_api_equals_module_forward(dtype):
+    """The chunked query API computes the module's function.  Bit for bit where the CPU
+    BLAS gives every row the same result whatever the row count; fp32 products on some CPUs
+    (the H100 host's) change their blocking with the row count: within 1e-6 there."""
     model = _random_vae(dtype=dtype)
+
+    def same(a, b):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
     g = torch.Generator().manual_seed(0)
     dec = model.decode(torch.randn(3, 32, 8, generator=g).to(dtype))
     pts = torch.rand(3, 3000, 3, generator=g) * 2.02 - 1.01
@@ -187,10 +196,10 @@ def test_query_api_equals_module_forward(dtype):
     for rows in (1024, 2500, 100000):
         out = model.geo_decoder.query(pts, kv, max_rows=rows)
         assert out.shape == (3, 3000) and out.dtype == dtype
-        assert torch.equal(out, ref)
+        same(out, ref)
     packed = model.geo_decoder.query_packed(pts[:, :1500].reshape(-1, 3), [1500] * 3, kv,
                                             max_rows=1024)
-    assert torch.equal(packed.view(3, -1), ref[:, :1500])
+    same(packed.view(3, -1), ref[:, :1500])
     # one query set shared by all parts (the coarse grid)
     shared = model.geo_decoder.query(pts[:1], kv, max_rows=2048)
     per = torch.cat([model.query_geometry(pts[:1], dec[i:i + 1]) for i in range(3)])
@@ -198,8 +207,7 @@ def test_query_api_equals_module_forward(dtype):
     torch.testing.assert_close(shared.float(), per.float(), rtol=0, atol=max(tol, 1e-6))
     # coordinate dtype sets the Fourier precision as officially (fp16 -> fp32, fp64 -> fp64)
     for cd in (torch.float16, torch.float64):
-        assert torch.equal(model.geo_decoder.query(pts.to(cd), kv),
-                           model.query_geometry(pts.to(cd), dec))
+        same(model.geo_decoder.query(pts.to(cd), kv), model.query_geometry(pts.to(cd), dec))
 
 
 def test_geometry_decoder_without_ln_post_and_with_downsample():

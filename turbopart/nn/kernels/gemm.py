@@ -26,7 +26,7 @@ if HAVE_TRITON:  # pragma: no branch
     def _linear_gelu_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, stride_am, stride_wn,
                             stride_cm, K: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                            EVEN_K: tl.constexpr, EMU: tl.constexpr):
+                            EVEN_K: tl.constexpr, EMU: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BM)
         num_pid_n = tl.cdiv(N, BN)
@@ -54,7 +54,10 @@ if HAVE_TRITON:  # pragma: no branch
             if EMU:  # the interpreter's bf16 dot is wrong; products are exact in fp32
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc)
+            if IEEE:  # fp32 operands: full fp32 products, as F.linear (TF32 off), not TF32
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
             a_ptrs += BK
             w_ptrs += BK
         if HAS_BIAS:
@@ -92,5 +95,6 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *,
     _linear_gelu_kernel[grid](
         x, w, b if b is not None else w, out, m, n, x.stride(0), w.stride(0), out.stride(0),
         K=k, HAS_BIAS=b is not None, BM=bm, BN=bn, BK=bk, GROUP_M=gm, EVEN_K=k % bk == 0,
-        EMU=interpreting(), num_warps=warps, num_stages=stages)
+        EMU=interpreting(), IEEE=x.dtype == torch.float32, num_warps=warps,
+        num_stages=stages)
     return out
