@@ -20,6 +20,10 @@ many parts at once and on the device:
    NaN (last level) and written as float16.
 4. The last level's dilated fine index is the marching-cubes mask.
 
+One saving over the official code, same grids and masks: a level of twice the previous fine
+level's resolution does not query its all-even vertices whose twin the previous level
+evaluated (same float64 coordinates, so the same value; ``reuse``, :class:`_Level`).
+
 The official dilations are all-ones fp16 ``Conv3d`` + ``> 0``; on binary masks that is a
 3×3×3 box dilation, which we compute separably with boolean slices (identical sets).  The
 fine index "set 2·i then dilate" is computed directly as a separable up-sampling (an even
