@@ -334,7 +334,7 @@ def run_xpart(pipe, mesh, boxes, *, steps: int, octree: int, device, warmup: boo
             xs = [u for t, u in sampler.samples if any(a <= t <= b for a, b in ivs)]
             util["stages"][name] = sum(xs) / len(xs) if xs else None
     qtot = sum(sum(x) for x in q)
-    gtot = qtot + sum(sum(x) for x in reused)  # the official decoder queries these too
+    gtot = result.counters.get("grid_values_total", qtot)  # the official decoder's queries
     mc = st.get("marching_cubes", 0.0) + st.get("cleanup", 0.0)
     return {
         "k": len(boxes), "parts": len(result.parts), "call_s": t1 - t0, "stages_s": st,

@@ -61,22 +61,24 @@ def nearest_neighbors(queries: torch.Tensor, points: torch.Tensor, *,
         return d.argmin(-1).reshape(lead)
     pn = p.pow(2).sum(-1, keepdim=True)
     p_ = torch.cat([p, torch.ones_like(pn), pn], dim=-1)               # [N, 5]
+
+    def chunked() -> torch.Tensor:
+        p_t = p_.t()
+        rows = memory.items_that_fit(4 * n + 64, q.device, cap_bytes=MAX_CHUNK_BYTES,
+                                    maximum=max_rows or q.shape[0])
+        with _no_tf32(q.device):
+            for s in range(0, q.shape[0], rows):
+                qc = q[s:s + rows]
+                qn = qc.pow(2).sum(-1, keepdim=True)
+                q_ = torch.cat([qc.mul(-2), qn, torch.ones_like(qn)], dim=-1)  # [r, 5]
+                d = q_.matmul(p_t)
+                d.clamp_min_(0).sqrt_()
+                out[s:s + rows] = d.argmin(-1)
+        return out
     if fused and q.is_cuda:
-        from ..nn.kernels.decoder_triton import available, run_or_fallback
-        if available(q):
+        from ..nn import kernels  # imports Triton: on first use, not at start-up
+        if kernels.available(q.device):
             from . import nearest_triton
-            got = run_or_fallback("nearest", lambda: nearest_triton.nearest(q, p_), lambda: None)
-            if got is not None:
-                return got.reshape(lead)
-    p_t = p_.t()
-    rows = memory.items_that_fit(4 * n + 64, q.device, cap_bytes=MAX_CHUNK_BYTES,
-                                maximum=max_rows or q.shape[0])
-    with _no_tf32(q.device):
-        for s in range(0, q.shape[0], rows):
-            qc = q[s:s + rows]
-            qn = qc.pow(2).sum(-1, keepdim=True)
-            q_ = torch.cat([qc.mul(-2), qn, torch.ones_like(qn)], dim=-1)  # [r, 5]
-            d = q_.matmul(p_t)
-            d.clamp_min_(0).sqrt_()
-            out[s:s + rows] = d.argmin(-1)
-    return out.reshape(lead)
+            return kernels.run_or_fallback(
+                "nearest", lambda: nearest_triton.nearest(q, p_), chunked).reshape(lead)
+    return chunked().reshape(lead)

@@ -94,6 +94,21 @@ def denormalize(vertices: np.ndarray, center: np.ndarray, scale: float) -> np.nd
 
 # --------------------------------------------------------------------------- object surface
 
+def _fold_into_triangle(lengths: np.ndarray) -> np.ndarray:
+    """trimesh's triangle point picking: two U[0,1) edge weights ``[n, 2, 1]`` whose sum
+    exceeds 1 are reflected (``-1``, then ``abs``) into the triangle."""
+    flip = lengths.sum(axis=1).reshape(-1) > 1.0
+    lengths[flip] -= 1.0
+    return np.abs(lengths)
+
+
+def _triangle_frames(vertices: np.ndarray, faces: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(origin ``[F, 3]``, the two edge vectors ``[F, 2, 3]``) of triangles, as trimesh."""
+    origins = vertices[faces[:, 0]]
+    return origins, vertices[faces[:, 1:]] - np.tile(origins, (1, 2)).reshape((-1, 2, 3))
+
+
 def _random_sample_rows(mesh: trimesh.Trimesh, num: int, seed: int, rows: np.ndarray
                         ) -> np.ndarray:
     """Rows ``rows`` of ``random_sample_pointcloud`` as float16 ``[len(rows), 6]`` (xyz,
@@ -110,13 +125,8 @@ def _random_sample_rows(mesh: trimesh.Trimesh, num: int, seed: int, rows: np.nda
     perm = np.random.default_rng(seed=seed).choice(num, num, replace=False)
     s = perm[np.asarray(rows)]
     face = np.searchsorted(cum, pick[s] * cum[-1])
-    lengths = lengths[s]
-    flip = lengths.sum(axis=1).reshape(-1) > 1.0
-    lengths[flip] -= 1.0
-    lengths = np.abs(lengths)
-    verts, faces = mesh.vertices, mesh.faces[face]
-    origins = verts[faces[:, 0]]
-    vectors = verts[faces[:, 1:]] - np.tile(origins, (1, 2)).reshape((-1, 2, 3))
+    lengths = _fold_into_triangle(lengths[s])
+    origins, vectors = _triangle_frames(mesh.vertices, mesh.faces[face])
     points = (vectors * lengths).sum(axis=1) + origins
     return np.concatenate((points, mesh.face_normals[face]), axis=1).astype(np.float16)
 
@@ -219,10 +229,7 @@ def part_surfaces(mesh: trimesh.Trimesh, boxes: np.ndarray, seed: int = 42,
     # trimesh.sample.sample_surface with a fresh default_rng(seed): the same draws per part.
     rng = np.random.default_rng(seed)
     u = rng.random(n_points)
-    lengths = rng.random((n_points, 2, 1))
-    flip = lengths.sum(axis=1).reshape(-1) > 1.0
-    lengths[flip] -= 1.0
-    lengths = np.abs(lengths)
+    lengths = _fold_into_triangle(rng.random((n_points, 2, 1)))
 
     area = mesh.area_faces
     fidx = [np.flatnonzero(member[k]) for k in np.flatnonzero(valid)]
@@ -236,9 +243,7 @@ def part_surfaces(mesh: trimesh.Trimesh, boxes: np.ndarray, seed: int = 42,
 
     if backend == "auto":
         backend = "torch" if dev.type == "cuda" else "numpy"
-    verts = np.asarray(mesh.vertices, dtype=np.float64)
-    origins = verts[faces[:, 0]]
-    vectors = verts[faces[:, 1:]] - np.tile(origins, (1, 2)).reshape((-1, 2, 3))
+    origins, vectors = _triangle_frames(np.asarray(mesh.vertices, dtype=np.float64), faces)
     normals_all = np.array(mesh.face_normals, dtype=np.float64)  # writable copy
     if backend == "numpy":  # one part at a time (CPU: faster than torch's gathers)
         out_np = np.zeros((k_valid, n_points, 7), dtype=np.float64)

@@ -25,6 +25,7 @@ import torch
 
 from . import decoding as dec
 from ..nn.kernels import decoder_triton as kern
+from ..nn.kernels import run_or_fallback
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -169,8 +170,8 @@ def refine_index(grid: torch.Tensor, resolution: int, level: float, dilate: bool
     its set count per first-axis plane (int64 on the device), from the current level's fp16
     grid ``[D, D, D]``: near-surface mark, ``dilate3`` when ``dilate``, spread to the fine
     grid.  Triton kernels where they run (CUDA, or the interpreter), else the PyTorch ops
-    (also after a kernel failure: :func:`~turbopart.nn.kernels.decoder_triton.disabled`
-    lists it as "refine")."""
+    (also after a kernel failure: :func:`turbopart.nn.kernels.disabled` lists it as
+    "refine")."""
     size = int(resolution) + 1
     d = grid.shape[0]
 
@@ -190,4 +191,4 @@ def refine_index(grid: torch.Tensor, resolution: int, level: float, dilate: bool
     if not (kern.available(grid) and grid.dtype == torch.float16 and grid.is_contiguous()
             and grid.dim() == 3 and d >= 2 and size <= 2 * d):
         return torch_path()
-    return kern.run_or_fallback("refine", kernels, torch_path)
+    return run_or_fallback("refine", kernels, torch_path)

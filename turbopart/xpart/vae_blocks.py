@@ -72,7 +72,7 @@ def head_norm(x: torch.Tensor, ln: nn.Module, cdt: torch.dtype, fused: bool
     Triton runs: one kernel pass over the strided heads
     (:func:`~turbopart.nn.kernels.rownorm.ln_heads`: fp32 statistics, one rounding to
     ``cdt``, the same rounding points; only the fp32 reduction order differs) instead of
-    PyTorch's copy → fp32 LayerNorm → cast, whose kernel is slow on 64-wide rows (≈ 50 ms
+    PyTorch's copy → fp32 LayerNorm → cast, whose kernel is slow on 64-wide rows (≈ 45 ms
     of a K = 8 conditioner call).  Otherwise, and after a kernel failure, the PyTorch ops.
     """
     def ref():
@@ -83,7 +83,7 @@ def head_norm(x: torch.Tensor, ln: nn.Module, cdt: torch.dtype, fused: bool
     from ..nn import kernels
     if not kernels.available(x.device):
         return ref()
-    from ..nn.kernels import decoder_triton, rownorm
+    from ..nn.kernels import rownorm
     b, n, h, d = x.shape
     out = torch.empty((b, n, h, d), dtype=cdt, device=x.device)
 
@@ -91,7 +91,7 @@ def head_norm(x: torch.Tensor, ln: nn.Module, cdt: torch.dtype, fused: bool
         rownorm.ln_heads(x.view(b * n, h, d), ln.weight, ln.bias, ln.eps,
                          out.view(b * n, h, d))
         return out
-    return decoder_triton.run_or_fallback("ln_heads", fused_path, ref)
+    return kernels.run_or_fallback("ln_heads", fused_path, ref)
 
 
 def _norm(d: int, qk_norm: bool) -> nn.Module:

@@ -6,6 +6,8 @@ callers fall back to it (with a warning) when Triton is missing or a kernel fail
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Callable
 
 import torch
 
@@ -27,3 +29,32 @@ def available(device: torch.device | str) -> bool:
     if interpreting():
         return True
     return torch.device(device).type == "cuda"
+
+
+#: Kernels switched off for the process after a compile / launch failure: {name: reason}.
+_DISABLED: dict[str, str] = {}
+
+
+def disabled() -> dict[str, str]:
+    """Kernels switched off after a failure: ``{name: reason}``."""
+    return dict(_DISABLED)
+
+
+def reset() -> None:
+    """Forget earlier failures (benchmarks re-try every variant)."""
+    _DISABLED.clear()
+
+
+def run_or_fallback(name: str, fn: Callable, fallback: Callable):
+    """``fn()``; on any compile / launch failure warn once, switch kernel ``name`` off for
+    the process and return ``fallback()`` (also used from then on)."""
+    if name in _DISABLED:
+        return fallback()
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - any compile/launch failure → PyTorch path
+        msg = f"{type(exc).__name__}: {exc}"
+        _DISABLED[name] = msg[:500]
+        warnings.warn(f"turbopart: Triton kernel '{name}' failed ({msg[:300]}); "
+                      f"using the PyTorch path for it from now on", RuntimeWarning, stacklevel=3)
+        return fallback()

@@ -31,7 +31,7 @@ import inspect
 import math
 import os
 import warnings
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,39 +43,15 @@ except Exception:  # noqa: BLE001
     triton = None
     tl = None
 
+from . import _DISABLED, disabled, reset, run_or_fallback  # noqa: F401 (shared; re-exported)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DISABLED: dict[str, str] = {}
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def available(t: torch.Tensor) -> bool:
     """Triton can run on ``t`` (CUDA, or CPU under the interpreter)."""
     return triton is not None and (t.is_cuda or INTERPRET)
-
-
-def disabled() -> dict[str, str]:
-    """Kernels switched off after a failure: ``{name: reason}``."""
-    return dict(_DISABLED)
-
-
-def reset() -> None:
-    """Forget earlier failures (benchmarks re-try every variant)."""
-    _DISABLED.clear()
-
-
-def run_or_fallback(name: str, fn: Callable, fallback: Callable):
-    """``fn()``; on any compile / launch failure warn once, switch kernel ``name`` off for
-    the process and return ``fallback()`` (also used from then on)."""
-    if name in _DISABLED:
-        return fallback()
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - any compile/launch failure → PyTorch path
-        msg = f"{type(exc).__name__}: {exc}"
-        _DISABLED[name] = msg[:500]
-        warnings.warn(f"turbopart: Triton kernel '{name}' failed ({msg[:300]}); "
-                      f"using the PyTorch path for it from now on", RuntimeWarning, stacklevel=3)
-        return fallback()
 
 
 def _pow2(n: int) -> bool:
