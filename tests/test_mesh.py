@@ -254,6 +254,33 @@ def test_write_glb_round_trip(tmp_path):
     assert sorted(ref.geometry) == ["part_000", "part_001"]
 
 
+@pytest.mark.parametrize("reserve", [None, 8])
+def test_glb_writer_streams_meshes_and_sets_translations_last(tmp_path, reserve):
+    """Meshes appended one by one, translations given at close: the same scene as
+    write_glb of the moved meshes (a reservation too small for the document moves the
+    binary chunk once)."""
+    from turbopart.mesh import GlbMesh, GlbWriter, write_glb
+    rng = np.random.default_rng(1)
+    ms = [GlbMesh.of(f"part_{i:03d}", rng.random((20 + i, 3)), rng.integers(0, 20, (30, 3)),
+                     (10 * i, 0, 0, 255)) for i in range(3)]
+    w = (GlbWriter.for_meshes(tmp_path / "s.glb", 3) if reserve is None
+         else GlbWriter(tmp_path / "s.glb", reserve))
+    for m in ms:
+        w.add(m)
+    moves = {"part_001": (1.0, 2.0, 3.0)}
+    data = w.close(moves).read_bytes()
+    ref = write_glb(tmp_path / "r.glb", [m.moved(moves[m.name]) if m.name in moves else m
+                                          for m in ms]).read_bytes()
+    assert _glb_json(data) == _glb_json(ref)
+    # the binary chunks are the same bytes
+    n, nr = struct.unpack("<I", data[12:16])[0], struct.unpack("<I", ref[12:16])[0]
+    assert data[20 + n:] == ref[20 + nr:]
+    scene = trimesh.load_scene(str(tmp_path / "s.glb"))
+    assert np.array_equal(np.asarray(scene.geometry["part_002"].faces), ms[2].faces)
+    tf, _ = scene.graph["part_001"]
+    assert np.allclose(tf[:3, 3], [1, 2, 3])
+
+
 def test_write_glb_too_large(tmp_path, monkeypatch):
     import turbopart.mesh as M
     monkeypatch.setattr(M, "GLB_MAX_BYTES", 1000)

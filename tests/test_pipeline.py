@@ -67,6 +67,47 @@ def test_generate_tiny_drops_empty_boxes_and_is_deterministic(pipe):
         assert np.array_equal(a.mesh.vertices, b.mesh.vertices)
 
 
+def test_parts_finished_beside_decoding_match_inline(pipe, monkeypatch):
+    """Finishing each part on the worker thread (default) gives the parts of finishing it in
+    the decoding thread, in order, and hands each to ``on_part`` once, in order."""
+    mesh = example_mesh("chair")
+    boxes = example_boxes("chair")[:3]
+    seen = []
+    res = pipe(mesh, boxes, steps=2, octree_resolution=16, seed=5, on_part=seen.append)
+    assert [p.index for p in seen] == [p.index for p in res.parts] == [0, 1, 2]
+    assert all(a is b for a, b in zip(seen, res.parts))
+    monkeypatch.setenv("TURBOPART_FINISH_THREAD", "0")
+    inline = pipe(mesh, boxes, steps=2, octree_resolution=16, seed=5)
+    assert res.counters["faces"] == inline.counters["faces"]
+    for a, b in zip(res.parts, inline.parts):
+        assert a.ok == b.ok
+        if a.ok:
+            assert np.array_equal(a.mesh.vertices, b.mesh.vertices)
+            assert np.array_equal(a.mesh.faces, b.mesh.faces)
+    assert "finish_wait" in res.timings and "cleanup" in res.timings
+
+
+def test_part_finisher_order_errors_and_memory_fallback(monkeypatch):
+    import threading
+    main = threading.get_ident()
+    with pl.PartFinisher("cpu", threaded=True) as fin:
+        for i in range(4):
+            fin.submit(lambda i: (i, threading.get_ident()), i)
+        out = fin.results()
+    assert [i for i, _ in out] == [0, 1, 2, 3] and all(t != main for _, t in out)
+    # a part whose finishing needs more than half the free memory runs in this thread
+    with pl.PartFinisher("cpu", threaded=True) as fin:
+        fin.submit(lambda: threading.get_ident(), nbytes=1 << 62)
+        assert fin.results() == [main]
+
+    def boom():
+        raise ValueError("part failed")
+    with pytest.raises(ValueError, match="part failed"):
+        with pl.PartFinisher("cpu", threaded=True) as fin:
+            fin.submit(boom)
+            fin.results()
+
+
 def test_no_faces_and_too_many_parts(pipe):
     mesh = example_mesh("lamp")
     with pytest.raises(ValueError, match="no box contains"):

@@ -461,22 +461,17 @@ class GlbMesh(NamedTuple):
         return self._replace(translation=tuple(float(x) for x in translation))
 
 
-def write_glb(path: str | os.PathLike, meshes: Sequence[GlbMesh]) -> Path:
-    """Write ``meshes`` as a binary glTF 2.0 scene (one named node, mesh and PBR material
-    each; positions and uint32 indices).  The arrays go to the file straight from memory,
-    without being joined into one buffer first (parts of tens of millions of faces).
-    Raises :class:`GlbTooLarge` (nothing written) past the format's 4 GiB."""
+def _glb_document(meshes: Sequence[GlbMesh]) -> bytes:
+    """The JSON chunk of a GLB scene of ``meshes`` (blobs in order: each mesh's vertices,
+    then its faces), padded with spaces to 4 bytes."""
     import json
-    import struct
 
     views, accessors, gl_meshes, materials, nodes = [], [], [], [], []
-    blobs: list[np.ndarray] = []
     offset = 0
     for i, m in enumerate(meshes):
         for arr, target in ((m.vertices, 34962), (m.faces, 34963)):
             views.append({"buffer": 0, "byteOffset": offset, "byteLength": arr.nbytes,
                           "target": target})
-            blobs.append(arr)
             offset += arr.nbytes  # float32 / uint32: always 4-byte aligned
         accessors.append({"bufferView": 2 * i, "componentType": 5126, "count": len(m.vertices),
                           "type": "VEC3", "min": m.bounds[0], "max": m.bounds[1]})
@@ -499,21 +494,109 @@ def write_glb(path: str | os.PathLike, meshes: Sequence[GlbMesh]) -> Path:
         doc.update(meshes=gl_meshes, materials=materials, accessors=accessors,
                    bufferViews=views, buffers=[{"byteLength": offset}])
     head = json.dumps(doc, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 4)
-    total = 12 + 8 + len(head) + (8 + offset if offset else 0)
-    if total > GLB_MAX_BYTES:
-        raise GlbTooLarge(f"{path}: {total / 2**30:.1f} GiB does not fit in one GLB file "
-                          "(4 GiB at most)")
-    path = Path(path)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<4sII", b"glTF", 2, total))
-        f.write(struct.pack("<I4s", len(head), b"JSON"))
-        f.write(head)
-        if offset:
-            f.write(struct.pack("<I4s", offset, b"BIN\0"))
-            for arr in blobs:
-                f.write(memoryview(arr).cast("B"))
-    return path
+    return head + b" " * (-len(head) % 4)
+
+
+class GlbWriter:
+    """A binary glTF 2.0 scene written mesh by mesh (one named node, mesh and PBR material
+    each; float32 positions, uint32 indices), the arrays straight from memory.
+
+    The binary chunk follows a JSON chunk of ``reserve`` bytes left empty until
+    :meth:`close` writes the document there, padded with spaces (JSON whitespace), so
+    meshes can be appended as they are made and node translations set at the end.  A
+    document longer than the reservation moves the binary chunk once (correct, slower).
+    :meth:`add` raises :class:`GlbTooLarge` past the format's 4 GiB; the file is then
+    removed and the writer unusable."""
+
+    #: Reservation per mesh for streamed scenes (a node's JSON is ≈ 700 bytes).
+    BYTES_PER_MESH = 1024
+
+    def __init__(self, path: str | os.PathLike, reserve: int):
+        self.path = Path(path)
+        self.reserve = int(reserve) + (-int(reserve) % 4)
+        self.meshes: list[GlbMesh] = []
+        self.size = 0  # bytes of the binary chunk so far
+        self._file = open(self.path, "wb")
+        self._file.seek(self._bin_start)
+
+    @classmethod
+    def for_meshes(cls, path: str | os.PathLike, count: int) -> "GlbWriter":
+        """A writer reserving JSON room for ``count`` meshes."""
+        return cls(path, 512 + cls.BYTES_PER_MESH * max(int(count), 1))
+
+    @property
+    def _bin_start(self) -> int:
+        return 12 + 8 + self.reserve + 8
+
+    def add(self, mesh: GlbMesh) -> None:
+        nbytes = mesh.vertices.nbytes + mesh.faces.nbytes
+        total = self._bin_start + self.size + nbytes
+        if total > GLB_MAX_BYTES:
+            self.discard()
+            raise GlbTooLarge(f"{self.path}: {total / 2**30:.1f} GiB does not fit in one GLB "
+                              "file (4 GiB at most)")
+        for arr in (mesh.vertices, mesh.faces):
+            self._file.write(memoryview(arr).cast("B"))
+        self.size += nbytes
+        self.meshes.append(mesh)
+
+    def close(self, translations: dict[str, Sequence[float]] | None = None) -> Path:
+        """Write the document (``translations``: node name → offset, over the meshes' own)
+        and close the file."""
+        import struct
+        meshes = self.meshes
+        if translations:
+            meshes = [m.moved(translations[m.name]) if m.name in translations else m
+                      for m in meshes]
+        head = _glb_document(meshes)
+        f, self._file = self._file, None
+        try:
+            if len(head) > self.reserve:  # move the binary chunk behind a longer document
+                f.close()
+                old = self.path.with_name(self.path.name + ".part")
+                os.replace(self.path, old)
+                with open(old, "rb") as src:
+                    src.seek(self._bin_start)
+                    self.reserve = len(head)
+                    f = open(self.path, "wb")
+                    f.seek(self._bin_start)
+                    import shutil
+                    shutil.copyfileobj(src, f, 1 << 24)
+                old.unlink()
+            head += b" " * (self.reserve - len(head))
+            total = 12 + 8 + len(head) + (8 + self.size if self.size else 0)
+            f.seek(0)
+            f.write(struct.pack("<4sII", b"glTF", 2, total))
+            f.write(struct.pack("<I4s", len(head), b"JSON"))
+            f.write(head)
+            if self.size:
+                f.write(struct.pack("<I4s", self.size, b"BIN\0"))
+            else:
+                f.truncate(total)
+        finally:
+            f.close()
+        return self.path
+
+    def discard(self) -> None:
+        """Close and remove the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
+
+
+def write_glb(path: str | os.PathLike, meshes: Sequence[GlbMesh]) -> Path:
+    """Write ``meshes`` as a binary glTF 2.0 scene (:class:`GlbWriter`, the document's room
+    reserved exactly).  Raises :class:`GlbTooLarge` (nothing written) past the format's
+    4 GiB."""
+    w = GlbWriter(path, len(_glb_document(meshes)))
+    try:
+        for m in meshes:
+            w.add(m)
+    except BaseException:
+        w.discard()
+        raise
+    return w.close()
 
 
 def mesh_info(mesh: trimesh.Trimesh) -> dict:

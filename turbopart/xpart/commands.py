@@ -292,47 +292,95 @@ class Output:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_outputs(out: Output, result, mesh, boxes: np.ndarray, info: dict[str, Any]) -> None:
+class PartFiles:
+    """The part files of an output folder, written as each part arrives.
+
+    :meth:`add` writes ``parts/part_XXX.glb`` and appends the part to ``parts.glb`` and
+    ``exploded.glb`` (:class:`turbopart.mesh.GlbWriter`; the two scenes hold the same
+    arrays, only their node translations differ), the three files in parallel threads (the
+    writes release the GIL); the pipeline calls it from its finishing thread, so the files
+    are written while the next part decodes.  :meth:`close` writes the scenes' documents
+    (the exploded offsets need every part).  A combined scene past the GLB format's 4 GiB is
+    skipped with a warning; the part files are still written."""
+
+    SCENES = ("parts.glb", "exploded.glb")
+
+    def __init__(self, out: Output, expected_parts: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..mesh import GlbWriter
+        self.out = out
+        self.parts: list = []
+        self.scenes = {name: GlbWriter.for_meshes(out.path(name), expected_parts)
+                       for name in self.SCENES}
+        self._pool = ThreadPoolExecutor(len(self.SCENES) + 1,
+                                        thread_name_prefix="turbopart-write")
+
+    def add(self, part) -> None:
+        """Write ``part`` (a :class:`~turbopart.xpart.pipeline.PartResult`; parts without a
+        surface are skipped)."""
+        from ..mesh import GlbTooLarge, write_glb
+        from .pipeline import glb_part
+        if not part.ok:
+            return
+        m = glb_part(part)
+
+        def append(name):
+            try:
+                self.scenes[name].add(m)
+            except GlbTooLarge as exc:
+                del self.scenes[name]
+                log.warning("%s not written: %s (the part files are)", name, exc)
+        jobs = [self._pool.submit(write_glb, self.out.path(f"parts/{m.name}.glb"), [m])]
+        jobs += [self._pool.submit(append, name) for name in list(self.scenes)]
+        for j in jobs:
+            j.result()
+        self.parts.append(part)
+
+    def close(self) -> None:
+        from .pipeline import explode_offsets
+        self._pool.shutdown()
+        if not self.parts:  # a scene without geometry cannot be a GLB
+            self.discard()
+            log.warning("no part produced a surface: parts.glb and exploded.glb not written")
+            return
+        offsets = explode_offsets(self.parts)
+        for name, w in self.scenes.items():
+            w.close(offsets if name == "exploded.glb" else None)
+        self.scenes = {}
+
+    def discard(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        for w in self.scenes.values():
+            w.discard()
+        self.scenes = {}
+
+
+def write_outputs(out: Output, result, mesh, boxes: np.ndarray, info: dict[str, Any],
+                  files: PartFiles | None = None) -> None:
     """parts.glb, parts/part_XXX.glb, exploded.glb, boxes.glb, parts.json.
 
-    Each part's float32 / uint32 arrays are made once and written into all three of its GLB
-    files (:func:`turbopart.mesh.write_glb`), the files in parallel threads (the writes
-    release the GIL).  A combined scene past the GLB format's 4 GiB is skipped with a
-    warning; the part files are still written."""
+    ``files``: the :class:`PartFiles` that already received ``result``'s parts while they
+    were generated (the pipeline's ``on_part``); without it every part is written now."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..mesh import GlbTooLarge, write_glb
-    from .pipeline import boxes_scene, explode_offsets, glb_part
-    ok = [p for p in result.parts if p.ok]
+    from .pipeline import boxes_scene
     colors = [p.color for p in result.parts] if len(result.parts) == len(boxes) else None
 
     def write_boxes():
         out.path("boxes.glb").write_bytes(boxes_scene(mesh, boxes, colors).export(file_type="glb"))
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(1) as pool:
         fboxes = pool.submit(write_boxes)
-        glb = list(pool.map(glb_part, ok))
-        offsets = explode_offsets(ok)
-        jobs = {f"parts/{m.name}.glb": [m] for m in glb}
-        if glb:  # a scene without geometry cannot be a GLB
-            jobs["parts.glb"] = glb
-            jobs["exploded.glb"] = [m.moved(offsets[m.name]) if m.name in offsets else m
-                                    for m in glb]
-        else:
-            log.warning("no part produced a surface: parts.glb and exploded.glb not written")
-
-        def write(item):
-            name, meshes = item
+        if files is None:
+            files = PartFiles(out, len(result.parts))
             try:
-                write_glb(out.path(name), meshes)
-            except GlbTooLarge as exc:
-                if name.startswith("parts/"):
-                    raise
-                out.path(name).unlink(missing_ok=True)
-                log.warning("%s not written: %s (the part files are)", name, exc)
-        for _ in pool.map(write, sorted(jobs.items(), key=lambda kv: -sum(
-                m.faces.size for m in kv[1]))):
-            pass
+                for p in result.parts:
+                    files.add(p)
+            except BaseException:
+                files.discard()
+                raise
+        files.close()
         fboxes.result()
     with open(out.path("parts.json"), "w") as f:
         json.dump(info, f, indent=2)
@@ -381,13 +429,17 @@ def _report(result, *, command: str, source: str, mesh, settings: dict, timings:
     return info
 
 
-def _finish(args, out: Output, result, mesh, boxes, info, timings) -> int:
+def _finish(args, out: Output, result, mesh, boxes, info, timings,
+            files: PartFiles | None = None) -> int:
+    """Write the outputs (``files``: the part files streamed during generation), commit
+    the folder, print the summary.  ``export`` in the timings is the writing done during
+    generation (beside the decoding) plus the writing here."""
     from ..cli import UserError
     if not any(p.ok for p in result.parts):
         raise UserError("X-Part produced no surface for any part; nothing written")
     t0 = time.perf_counter()
-    write_outputs(out, result, mesh, boxes, info)
-    timings["export"] = time.perf_counter() - t0
+    write_outputs(out, result, mesh, boxes, info, files)
+    timings["export"] = timings.get("export", 0.0) + time.perf_counter() - t0
     info["timings_s"]["export"] = round(timings["export"], 6)
     with open(out.path("parts.json"), "w") as f:
         json.dump(info, f, indent=2)
@@ -459,6 +511,7 @@ def cmd_generate(args) -> int:
     boxes = limit_boxes(read_boxes(args.boxes), args.max_parts)
     device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh))
+    files = None
     try:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -474,16 +527,19 @@ def cmd_generate(args) -> int:
             pipe = _load_pipeline(args, device, weights)
             timings["load"] = time.perf_counter() - t0
             obj = fobj.result()
+        files = PartFiles(out, len(boxes))
         result = pipe(mesh, boxes, steps=settings["steps"],
                       octree_resolution=settings["octree_resolution"], seed=args.seed,
-                      progress=not args.quiet, obj=obj)
+                      progress=not args.quiet, obj=obj, on_part=files.add)
         timings.update(result.timings)
         info = _report(result, command="generate", source=str(args.mesh), mesh=mesh,
                        settings=settings, timings=timings, memory=_peak_gpu(device),
                        extra={"load_s": pipe.load_timings})
         return _finish(args, out, result, mesh, boxes[result_valid(result, boxes)], info,
-                       timings)
+                       timings, files)
     except BaseException:
+        if files is not None:
+            files.discard()
         out.discard()
         raise
 
@@ -513,6 +569,7 @@ def cmd_run(args) -> int:
     device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh or "example"))
     pool = ThreadPoolExecutor(2)
+    files = None
     try:
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
         from ..runtime import first_use
@@ -560,9 +617,10 @@ def cmd_run(args) -> int:
             # vertices; X-Part normalises them in float64 and samples the parts from that
             # cleaned mesh, as the official pipeline does when P3-SAM runs inside it.
             boxes, kw = seg.boxes, {"official_float32_boxes": False, "part_mesh": seg.mesh}
+        files = PartFiles(out, len(boxes))
         result = pipe(mesh, boxes, steps=settings["steps"],
                       octree_resolution=settings["octree_resolution"], seed=args.seed,
-                      progress=not args.quiet, obj=obj, **kw)
+                      progress=not args.quiet, obj=obj, on_part=files.add, **kw)
         timings.update(result.timings)
         seg_info = {"parts": seg.num_parts, "timings_s": seg.timings,
                     "unlabeled_faces": seg.unlabeled_faces,
@@ -571,8 +629,10 @@ def cmd_run(args) -> int:
                        timings=timings, memory=_peak_gpu(device),
                        extra={"segmentation": seg_info, "load_s": pipe.load_timings})
         return _finish(args, out, result, mesh, boxes[result_valid(result, boxes)], info,
-                       timings)
+                       timings, files)
     except BaseException:
+        if files is not None:
+            files.discard()
         out.discard()
         raise
     finally:

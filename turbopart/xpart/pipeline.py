@@ -384,7 +384,8 @@ class XPartPipeline:
                  part_mesh: trimesh.Trimesh | None = None, progress: bool = False,
                  profile: Profile | None = None, keep_latents: bool = False,
                  colors: np.ndarray | None = None,
-                 obj: pp.ObjectInputs | None = None) -> GenerationResult:
+                 obj: pp.ObjectInputs | None = None,
+                 on_part: Callable[[PartResult], None] | None = None) -> GenerationResult:
         """Generate one mesh per box.
 
         ``mesh``: the object (a trimesh or a path; input frame); ``boxes``: ``[K, 2, 3]``
@@ -392,7 +393,9 @@ class XPartPipeline:
         samplers (official ``seed``, default 42); ``noise_seed`` (default ``seed``) the
         torch generators.  ``part_mesh``: sample the part surfaces from this mesh (P3-SAM's
         cleaned mesh, as the official pipeline does when P3-SAM ran).  ``obj``: this mesh's
-        :meth:`object_inputs`, if computed already.
+        :meth:`object_inputs`, if computed already.  ``on_part``: called with each finished
+        part, in order, from the thread that finishes the parts while the next one decodes
+        (e.g. to write its files; :class:`PartFinisher`).
         """
         if not isinstance(mesh, trimesh.Trimesh):
             from ..mesh import as_mesh
@@ -450,7 +453,7 @@ class XPartPipeline:
             del decoded
 
         results, counters = self._decode_and_mesh(kv, prep, kept_world, octree_resolution,
-                                                   prof, progress, colors)
+                                                   prof, progress, colors, on_part)
         del kv
         counters["parts"] = k
         counters["dropped_boxes"] = dropped
@@ -479,7 +482,8 @@ class XPartPipeline:
 
     def _decode_and_mesh(self, kv, prep: pp.PreparedInputs, kept_world: np.ndarray,
                          octree_resolution: int, prof: Profile, progress: bool,
-                         colors: np.ndarray | None):
+                         colors: np.ndarray | None,
+                         on_part: Callable[[PartResult], None] | None = None):
         from ..geometry.marching_cubes import marching_cubes
         dev = self.device
         k = prep.num_parts
@@ -490,43 +494,55 @@ class XPartPipeline:
             from ..mesh import part_colors
             colors = part_colors(k)
         query = self._query_fn(kv)
-        results: list[PartResult] = []
         counters: dict[str, Any] = {"queries_per_level": [], "reused_per_level": [],
                                     "raw_faces": [], "faces": []}
         bar = _bar(progress, k, "decoding", "part")
-        # One coarse pass for all parts, then every part's fine levels; each part is meshed
-        # as it arrives, so only one part's fine grids are alive at a time.
-        parts = decoding.iter_volumes(query, list(range(k)), octree_resolution, device=dev,
-                                      chunk=chunk, fine_dtype=fine_dtype,
-                                      reuse=decoding.reuse_from_env())
-        while True:
-            with prof.stage("volume_decode"):
-                vol = next(parts, None)
-            if vol is None:
-                break
-            pi = vol.part
-            with prof.stage("marching_cubes"):
-                verts, faces = marching_cubes(vol.grid, decoding.MC_LEVEL, mask=vol.mask)
+
+        def finish(pi, verts, faces, resolution, qs, reused):
             raw = int(faces.shape[0])
-            qs, reused = list(vol.queries), list(vol.reused)
-            resolution = vol.resolution
-            del vol
             with prof.stage("cleanup"):
                 part_mesh, area = self._finish_part(verts, faces, resolution, prep)
+            del verts, faces
             if part_mesh is None:  # official: "Failed to export part i", skipped
                 log.warning("part %d (box %d) produced no surface; skipped", pi,
                             prep.box_index[pi])
-            results.append(PartResult(pi, prep.box_index[pi], kept_world[pi], part_mesh,
-                                      qs, raw, np.asarray(colors[pi % len(colors)]), area,
-                                      reused))
-            counters["queries_per_level"].append(qs)
-            counters["reused_per_level"].append(reused)
-            counters["raw_faces"].append(raw)
-            counters["faces"].append(0 if part_mesh is None else int(len(part_mesh.faces)))
+            res = PartResult(pi, prep.box_index[pi], kept_world[pi], part_mesh, qs, raw,
+                             np.asarray(colors[pi % len(colors)]), area, reused)
+            if on_part is not None:
+                with prof.stage("export"):
+                    on_part(res)
             if bar:
                 bar.update(1)
+            return res
+
+        # One coarse pass for all parts, then every part's fine levels; each part is meshed
+        # as it arrives (only one part's fine grids are alive at a time) and finished
+        # (clean-up, download, on_part) on another thread while the next part decodes.
+        parts = decoding.iter_volumes(query, list(range(k)), octree_resolution, device=dev,
+                                      chunk=chunk, fine_dtype=fine_dtype,
+                                      reuse=decoding.reuse_from_env())
+        with PartFinisher(dev) as finisher:
+            while True:
+                with prof.stage("volume_decode"):
+                    vol = next(parts, None)
+                if vol is None:
+                    break
+                with prof.stage("marching_cubes"):
+                    verts, faces = marching_cubes(vol.grid, decoding.MC_LEVEL, mask=vol.mask)
+                raw = int(faces.shape[0])
+                args = (vol.part, verts, faces, vol.resolution, list(vol.queries),
+                        list(vol.reused))
+                counters["queries_per_level"].append(args[4])
+                counters["reused_per_level"].append(args[5])
+                counters["raw_faces"].append(raw)
+                del vol, verts, faces
+                finisher.submit(finish, *args, nbytes=raw * CLEANUP_BYTES_PER_FACE)
+                del args
+            with prof.stage("finish_wait"):
+                results = finisher.results()
         if bar:
             bar.close()
+        counters["faces"] = [0 if p.mesh is None else int(len(p.mesh.faces)) for p in results]
         counters["queries_total"] = int(sum(sum(q) for q in counters["queries_per_level"]))
         # the official decoder's query count (it queries the reused vertices again)
         counters["grid_values_total"] = counters["queries_total"] + int(
@@ -573,10 +589,99 @@ def warm_up_conditioner(conditioner, device: torch.device | str,
 def _cleanup(verts: torch.Tensor, faces: torch.Tensor, max_edge: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The official ``export_to_trimesh`` + ``fix_mesh`` (faces reversed, trimesh processing,
-    long-edge faces removed, floaters under 0.5 % of the largest component), in memory."""
+    long-edge faces removed, floaters under 0.5 % of the largest component), in memory.
+    Out of GPU memory it runs on the CPU (same arithmetic, same result) instead of failing."""
     from ..geometry import cleanup
-    return cleanup.official_cleanup(verts, faces, reverse=True, max_edge=max_edge,
+    try:
+        return cleanup.official_cleanup(verts, faces, reverse=True, max_edge=max_edge,
+                                        ratio=FLOATER_RATIO)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not (verts.is_cuda and memory.is_oom(exc)):
+            raise
+    log.warning("clean-up of %d faces ran out of GPU memory; cleaning up on the CPU",
+                faces.shape[0])
+    torch.cuda.empty_cache()
+    v, f = cleanup.official_cleanup(verts.cpu(), faces.cpu(), reverse=True, max_edge=max_edge,
                                     ratio=FLOATER_RATIO)
+    return v.to(verts.device), f.to(verts.device)
+
+
+#: Device bytes the clean-up of one marching-cubes face may take at its peak (sort keys,
+#: orders and masks of its 3 edges): a part is finished beside the decoding only if this fits.
+CLEANUP_BYTES_PER_FACE = 160
+
+
+def finish_threaded_from_env() -> bool:
+    """``TURBOPART_FINISH_THREAD=0`` finishes each part in the decoding thread (for A/B)."""
+    return os.environ.get("TURBOPART_FINISH_THREAD", "1").strip() != "0"
+
+
+class PartFinisher:
+    """Runs each part's finishing work (clean-up, download, the caller's ``on_part``) on one
+    worker thread, in submission order, while the submitting thread decodes the next part.
+
+    On CUDA the worker has its own stream, which first waits for the work the submitter
+    queued so far (the part's marching cubes); host waits inside the finishing (counts,
+    downloads) then block only the worker, and its host work (NumPy, file writes) overlaps
+    the decoding.  A part whose finishing needs more than half of the free device memory
+    (``nbytes``) is finished in the submitting thread after the queue drains, as are all
+    parts with ``threaded=False`` (``TURBOPART_FINISH_THREAD=0``).
+    """
+
+    def __init__(self, device: torch.device | str, threaded: bool | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        self.device = torch.device(device)
+        threaded = finish_threaded_from_env() if threaded is None else threaded
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="turbopart-finish")
+                      if threaded else None)
+        self._stream = (torch.cuda.Stream(self.device)
+                        if threaded and self.device.type == "cuda" else None)
+        self._futures: list = []
+
+    def __enter__(self) -> "PartFinisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _check(self) -> None:
+        """Raise a finished job's error now rather than after the whole decode."""
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                f.result()
+
+    def submit(self, fn: Callable[..., PartResult], *args, nbytes: int = 0) -> None:
+        from concurrent.futures import Future
+        self._check()
+        if self._pool is None or nbytes > memory.free_bytes(self.device) // 2:
+            for f in self._futures:  # keep the order: drain the queue, then run here
+                f.result()
+            done: Future = Future()
+            done.set_result(fn(*args))
+            self._futures.append(done)
+            return
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record()
+            for a in args:  # used on the worker's stream: freed only after its work there
+                if isinstance(a, torch.Tensor) and a.is_cuda:
+                    a.record_stream(self._stream)
+        self._futures.append(self._pool.submit(self._run, event, fn, args))
+
+    def _run(self, event, fn, args) -> PartResult:
+        if self._stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(event)
+            out = fn(*args)
+            self._stream.synchronize()
+        return out
+
+    def results(self) -> list[PartResult]:
+        """Every submitted part's result, in order (waits; re-raises a job's error)."""
+        return [f.result() for f in self._futures]
 
 
 def _bar(enabled: bool, total: int, desc: str, unit: str):
