@@ -311,3 +311,33 @@ def test_write_outputs_skips_combined_scenes_past_4_gib(tmp_path, monkeypatch):
     assert not (dest / "parts.glb").exists() and not (dest / "exploded.glb").exists()
     ex = trimesh.load_scene(str(dest / "parts" / "part_001.glb"))
     assert len(ex.geometry["part_001"].faces) == 12
+
+
+def test_part_files_stream_parts_and_offsets_on_close(tmp_path):
+    """Parts handed to PartFiles one by one give the part files and both scenes, nodes in
+    arrival order, the exploded scene's translations those of explode_offsets."""
+    from turbopart.examples import example_boxes
+    from turbopart.xpart.commands import Output, PartFiles
+    from turbopart.xpart.pipeline import PartResult, explode_offsets
+    boxes = example_boxes()[:3]
+    parts = [PartResult(i, i, boxes[i], trimesh.creation.box().apply_translation([i, 0, 0]),
+                        color=np.array([9, 9, 9, 255])) for i in range(3)]
+    parts.insert(1, PartResult(7, 7, boxes[0], None))  # no surface: skipped
+    out = Output(tmp_path / "o")
+    files = PartFiles(out, 2)  # fewer than arrive: the documents outgrow the reservation
+    for p in parts:
+        files.add(p)
+    files.close()
+    dest = out.commit()
+    assert sorted(x.name for x in (dest / "parts").iterdir()) == [
+        "part_000.glb", "part_001.glb", "part_002.glb"]
+    ok = [p for p in parts if p.ok]
+    offsets = explode_offsets(ok)
+    for name in ("parts.glb", "exploded.glb"):
+        doc = _glb_json((dest / name).read_bytes())
+        assert [n["name"] for n in doc["nodes"]] == [p.name for p in ok]
+        for n in doc["nodes"]:
+            want = offsets[n["name"]].tolist() if name == "exploded.glb" else None
+            assert n.get("translation") == want
+    scene = trimesh.load_scene(str(dest / "exploded.glb"))
+    assert np.allclose(scene.geometry["part_002"].vertices, ok[2].mesh.vertices, atol=1e-6)

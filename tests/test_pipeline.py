@@ -68,8 +68,9 @@ def test_generate_tiny_drops_empty_boxes_and_is_deterministic(pipe):
 
 
 def test_parts_finished_beside_decoding_match_inline(pipe, monkeypatch):
-    """Finishing each part on the worker thread (default) gives the parts of finishing it in
-    the decoding thread, in order, and hands each to ``on_part`` once, in order."""
+    """Finishing each part on the worker thread gives the parts of finishing it in the
+    decoding thread, in order, and hands each to ``on_part`` once, in order."""
+    monkeypatch.setattr(pl, "FINISH_THREAD_MIN_FACES", 0)  # tiny parts: threaded too
     mesh = example_mesh("chair")
     boxes = example_boxes("chair")[:3]
     seen = []
@@ -97,7 +98,11 @@ def test_part_finisher_order_errors_and_memory_fallback(monkeypatch):
     assert [i for i, _ in out] == [0, 1, 2, 3] and all(t != main for _, t in out)
     # a part whose finishing needs more than half the free memory runs in this thread
     with pl.PartFinisher("cpu", threaded=True) as fin:
-        fin.submit(lambda: threading.get_ident(), nbytes=1 << 62)
+        fin.submit(lambda: threading.get_ident(), faces=1 << 60)
+        assert fin.results() == [main]
+    # so does a small part
+    with pl.PartFinisher("cpu", threaded=True) as fin:
+        fin.submit(lambda: threading.get_ident(), faces=pl.FINISH_THREAD_MIN_FACES - 1)
         assert fin.results() == [main]
 
     def boom():

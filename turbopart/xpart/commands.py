@@ -295,13 +295,14 @@ class Output:
 class PartFiles:
     """The part files of an output folder, written as each part arrives.
 
-    :meth:`add` writes ``parts/part_XXX.glb`` and appends the part to ``parts.glb`` and
-    ``exploded.glb`` (:class:`turbopart.mesh.GlbWriter`; the two scenes hold the same
-    arrays, only their node translations differ), the three files in parallel threads (the
-    writes release the GIL); the pipeline calls it from its finishing thread, so the files
-    are written while the next part decodes.  :meth:`close` writes the scenes' documents
-    (the exploded offsets need every part).  A combined scene past the GLB format's 4 GiB is
-    skipped with a warning; the part files are still written."""
+    :meth:`add` queues the part's writes and returns: ``parts/part_XXX.glb``, and the part
+    appended to ``parts.glb`` and ``exploded.glb`` (:class:`turbopart.mesh.GlbWriter`; the
+    two scenes hold the same arrays, only their node translations differ), each scene on a
+    writer thread of its own (appends in order), the part files on two more threads; the
+    writes release the GIL, so they run while the next part decodes.  :meth:`close` waits
+    for them and writes the scenes' documents (the exploded offsets need every part).  A
+    combined scene past the GLB format's 4 GiB is skipped with a warning; the part files are
+    still written."""
 
     SCENES = ("parts.glb", "exploded.glb")
 
@@ -313,33 +314,53 @@ class PartFiles:
         self.parts: list = []
         self.scenes = {name: GlbWriter.for_meshes(out.path(name), expected_parts)
                        for name in self.SCENES}
-        self._pool = ThreadPoolExecutor(len(self.SCENES) + 1,
-                                        thread_name_prefix="turbopart-write")
+        self._scene_threads = {name: ThreadPoolExecutor(1, thread_name_prefix="turbopart-scene")
+                               for name in self.SCENES}
+        # FIFO with two threads: a part's conversion is taken before its file's write
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="turbopart-write")
+        self._jobs: list = []
 
     def add(self, part) -> None:
-        """Write ``part`` (a :class:`~turbopart.xpart.pipeline.PartResult`; parts without a
-        surface are skipped)."""
-        from ..mesh import GlbTooLarge, write_glb
+        """Queue the writes of ``part`` (a :class:`~turbopart.xpart.pipeline.PartResult`;
+        parts without a surface are skipped); an earlier write's error is raised here."""
+        from ..mesh import write_glb
         from .pipeline import glb_part
+        for j in self._jobs:
+            if j.done() and j.exception() is not None:
+                j.result()
         if not part.ok:
             return
-        m = glb_part(part)
-
-        def append(name):
-            try:
-                self.scenes[name].add(m)
-            except GlbTooLarge as exc:
-                del self.scenes[name]
-                log.warning("%s not written: %s (the part files are)", name, exc)
-        jobs = [self._pool.submit(write_glb, self.out.path(f"parts/{m.name}.glb"), [m])]
-        jobs += [self._pool.submit(append, name) for name in list(self.scenes)]
-        for j in jobs:
-            j.result()
         self.parts.append(part)
+        mesh = self._pool.submit(glb_part, part)
+        self._jobs.append(self._pool.submit(
+            lambda: write_glb(self.out.path(f"parts/{part.name}.glb"), [mesh.result()])))
+        for name, thread in self._scene_threads.items():
+            self._jobs.append(thread.submit(self._append, name, mesh))
+
+    def _append(self, name: str, mesh) -> None:
+        from ..mesh import GlbTooLarge
+        w = self.scenes.get(name)
+        if w is None:  # skipped: past 4 GiB
+            return
+        try:
+            w.add(mesh.result())
+        except GlbTooLarge as exc:
+            self.scenes.pop(name, None)
+            log.warning("%s not written: %s (the part files are)", name, exc)
+
+    def _shutdown(self, cancel: bool) -> None:
+        for t in [self._pool, *self._scene_threads.values()]:
+            t.shutdown(wait=True, cancel_futures=cancel)
 
     def close(self) -> None:
         from .pipeline import explode_offsets
-        self._pool.shutdown()
+        try:
+            for j in self._jobs:
+                j.result()
+        except BaseException:
+            self.discard()
+            raise
+        self._shutdown(cancel=False)
         if not self.parts:  # a scene without geometry cannot be a GLB
             self.discard()
             log.warning("no part produced a surface: parts.glb and exploded.glb not written")
@@ -350,7 +371,7 @@ class PartFiles:
         self.scenes = {}
 
     def discard(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        self._shutdown(cancel=True)
         for w in self.scenes.values():
             w.discard()
         self.scenes = {}

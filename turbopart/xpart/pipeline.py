@@ -32,6 +32,7 @@ so coarse grids do not lose their triangles.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -521,7 +522,7 @@ class XPartPipeline:
         parts = decoding.iter_volumes(query, list(range(k)), octree_resolution, device=dev,
                                       chunk=chunk, fine_dtype=fine_dtype,
                                       reuse=decoding.reuse_from_env())
-        with PartFinisher(dev) as finisher:
+        with PartFinisher(dev) as finisher, finisher.foreground():
             while True:
                 with prof.stage("volume_decode"):
                     vol = next(parts, None)
@@ -536,7 +537,7 @@ class XPartPipeline:
                 counters["reused_per_level"].append(args[5])
                 counters["raw_faces"].append(raw)
                 del vol, verts, faces
-                finisher.submit(finish, *args, nbytes=raw * CLEANUP_BYTES_PER_FACE)
+                finisher.submit(finish, *args, faces=raw)
                 del args
             with prof.stage("finish_wait"):
                 results = finisher.results()
@@ -609,11 +610,21 @@ def _cleanup(verts: torch.Tensor, faces: torch.Tensor, max_edge: float
 #: Device bytes the clean-up of one marching-cubes face may take at its peak (sort keys,
 #: orders and masks of its 3 edges): a part is finished beside the decoding only if this fits.
 CLEANUP_BYTES_PER_FACE = 160
+#: Parts of fewer marching-cubes faces are finished in the decoding thread: their clean-up
+#: is a few dozen small kernels and host waits, which beside the decoding slowed it more
+#: than they saved (realistic init, 0.55 M faces per part: X-Part call 7.46–7.62 s threaded
+#: against 7.50–7.54 s inline); foam parts of 4–31 M faces save ≈ 5 s in 8 (plain init).
+FINISH_THREAD_MIN_FACES = 2_000_000
 
 
 def finish_threaded_from_env() -> bool:
     """``TURBOPART_FINISH_THREAD=0`` finishes each part in the decoding thread (for A/B)."""
     return os.environ.get("TURBOPART_FINISH_THREAD", "1").strip() != "0"
+
+
+def foreground_priority_from_env() -> bool:
+    """``TURBOPART_FOREGROUND_PRIORITY=0`` keeps the decoding on the default stream (A/B)."""
+    return os.environ.get("TURBOPART_FOREGROUND_PRIORITY", "1").strip() != "0"
 
 
 class PartFinisher:
@@ -623,9 +634,11 @@ class PartFinisher:
     On CUDA the worker has its own stream, which first waits for the work the submitter
     queued so far (the part's marching cubes); host waits inside the finishing (counts,
     downloads) then block only the worker, and its host work (NumPy, file writes) overlaps
-    the decoding.  A part whose finishing needs more than half of the free device memory
-    (``nbytes``) is finished in the submitting thread after the queue drains, as are all
-    parts with ``threaded=False`` (``TURBOPART_FINISH_THREAD=0``).
+    the decoding.  A part is finished in the submitting thread, after the queue drains,
+    when it is small (``faces`` under :data:`FINISH_THREAD_MIN_FACES`), when its finishing
+    needs more than half of the free device memory (``faces`` ×
+    :data:`CLEANUP_BYTES_PER_FACE`), and always with ``threaded=False``
+    (``TURBOPART_FINISH_THREAD=0``).
     """
 
     def __init__(self, device: torch.device | str, threaded: bool | None = None):
@@ -641,6 +654,23 @@ class PartFinisher:
     def __enter__(self) -> "PartFinisher":
         return self
 
+    @contextlib.contextmanager
+    def foreground(self):
+        """The submitting thread's work (the decoding) on a stream of the highest priority
+        while parts may be finished beside it, so the finishing kernels take the SMs the
+        decoding leaves rather than delaying it (``TURBOPART_FOREGROUND_PRIORITY=0``: off)."""
+        if self._stream is None or not foreground_priority_from_env():
+            yield
+            return
+        current = torch.cuda.current_stream(self.device)
+        fg = torch.cuda.Stream(self.device, priority=-100)  # clamped to the highest
+        fg.wait_stream(current)
+        try:
+            with torch.cuda.stream(fg):
+                yield
+        finally:
+            current.wait_stream(fg)
+
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -651,10 +681,12 @@ class PartFinisher:
             if f.done() and f.exception() is not None:
                 f.result()
 
-    def submit(self, fn: Callable[..., PartResult], *args, nbytes: int = 0) -> None:
+    def submit(self, fn: Callable[..., PartResult], *args,
+               faces: int = FINISH_THREAD_MIN_FACES) -> None:
         from concurrent.futures import Future
         self._check()
-        if self._pool is None or nbytes > memory.free_bytes(self.device) // 2:
+        if (self._pool is None or faces < FINISH_THREAD_MIN_FACES
+                or faces * CLEANUP_BYTES_PER_FACE > memory.free_bytes(self.device) // 2):
             for f in self._futures:  # keep the order: drain the queue, then run here
                 f.result()
             done: Future = Future()
