@@ -22,6 +22,22 @@ def test_work_never_raises(monkeypatch):
     first_use._work(torch.device("cuda"))
 
 
+def test_geometry_warm_up_meshes_a_sphere(monkeypatch):
+    """The geometry warm-up runs the real ladder's bookkeeping, marching cubes and clean-up
+    (CPU here, at a small octree) and leaves no state behind."""
+    from turbopart.geometry import cleanup
+    seen = []
+    real = cleanup.official_cleanup
+
+    def spy(v, f, **kw):
+        out = real(v, f, **kw)
+        seen.append(out[1].shape[0])
+        return out
+    monkeypatch.setattr(cleanup, "official_cleanup", spy)
+    first_use.geometry_kernels(torch.device("cpu"), octree_resolution=256)
+    assert len(seen) == 1 and seen[0] > 100  # a closed sphere of radius 0.1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_thread_finishes_on_cuda():
     t = first_use.start("cuda")
