@@ -98,11 +98,11 @@ def test_part_finisher_order_errors_and_memory_fallback(monkeypatch):
     assert [i for i, _ in out] == [0, 1, 2, 3] and all(t != main for _, t in out)
     # a part whose finishing needs more than half the free memory runs in this thread
     with pl.PartFinisher("cpu", threaded=True) as fin:
-        fin.submit(lambda: threading.get_ident(), faces=1 << 60)
+        fin.submit(lambda: threading.get_ident(), num_faces=1 << 60)
         assert fin.results() == [main]
     # so does a small part
     with pl.PartFinisher("cpu", threaded=True) as fin:
-        fin.submit(lambda: threading.get_ident(), faces=pl.FINISH_THREAD_MIN_FACES - 1)
+        fin.submit(lambda: threading.get_ident(), num_faces=pl.FINISH_THREAD_MIN_FACES - 1)
         assert fin.results() == [main]
 
     def boom():

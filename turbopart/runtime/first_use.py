@@ -101,22 +101,13 @@ def geometry_kernels(device: torch.device, octree_resolution: int = 512) -> None
 
 
 def _work(device: torch.device) -> None:
-    try:
-        if device.type == "cuda":
-            _cuda(device)
-    except Exception:  # noqa: BLE001 - a warm-up never fails the command
-        pass
-    _triton()
-    try:
-        if device.type == "cuda":
-            decoder_kernels(device)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        if device.type == "cuda":
-            geometry_kernels(device)
-    except Exception:  # noqa: BLE001
-        pass
+    """Every warm-up in turn (CUDA only: :func:`start` runs nothing else); a failing one
+    is skipped."""
+    for step in (_cuda, lambda _: _triton(), decoder_kernels, geometry_kernels):
+        try:
+            step(device)
+        except Exception:  # noqa: BLE001 - a warm-up never fails the command
+            pass
 
 
 def start(device: torch.device | str) -> threading.Thread | None:

@@ -530,15 +530,15 @@ class XPartPipeline:
                     break
                 with prof.stage("marching_cubes"):
                     verts, faces = marching_cubes(vol.grid, decoding.MC_LEVEL, mask=vol.mask)
-                raw = int(faces.shape[0])
-                args = (vol.part, verts, faces, vol.resolution, list(vol.queries),
-                        list(vol.reused))
-                counters["queries_per_level"].append(args[4])
-                counters["reused_per_level"].append(args[5])
-                counters["raw_faces"].append(raw)
-                del vol, verts, faces
-                finisher.submit(finish, *args, faces=raw)
-                del args
+                pi, resolution = vol.part, vol.resolution
+                qs, reused = list(vol.queries), list(vol.reused)
+                del vol  # its grids are freed before the part is finished
+                counters["queries_per_level"].append(qs)
+                counters["reused_per_level"].append(reused)
+                counters["raw_faces"].append(int(faces.shape[0]))
+                finisher.submit(finish, pi, verts, faces, resolution, qs, reused,
+                                num_faces=int(faces.shape[0]))
+                del verts, faces
             with prof.stage("finish_wait"):
                 results = finisher.results()
         if bar:
@@ -635,8 +635,8 @@ class PartFinisher:
     queued so far (the part's marching cubes); host waits inside the finishing (counts,
     downloads) then block only the worker, and its host work (NumPy, file writes) overlaps
     the decoding.  A part is finished in the submitting thread, after the queue drains,
-    when it is small (``faces`` under :data:`FINISH_THREAD_MIN_FACES`), when its finishing
-    needs more than half of the free device memory (``faces`` ×
+    when it is small (``num_faces`` under :data:`FINISH_THREAD_MIN_FACES`), when its
+    finishing needs more than half of the free device memory (``num_faces`` ×
     :data:`CLEANUP_BYTES_PER_FACE`), and always with ``threaded=False``
     (``TURBOPART_FINISH_THREAD=0``).
     """
@@ -682,11 +682,12 @@ class PartFinisher:
                 f.result()
 
     def submit(self, fn: Callable[..., PartResult], *args,
-               faces: int = FINISH_THREAD_MIN_FACES) -> None:
+               num_faces: int = FINISH_THREAD_MIN_FACES) -> None:
+        """Finish a part: ``fn(*args)``; ``num_faces``: its marching-cubes face count."""
         from concurrent.futures import Future
         self._check()
-        if (self._pool is None or faces < FINISH_THREAD_MIN_FACES
-                or faces * CLEANUP_BYTES_PER_FACE > memory.free_bytes(self.device) // 2):
+        if (self._pool is None or num_faces < FINISH_THREAD_MIN_FACES
+                or num_faces * CLEANUP_BYTES_PER_FACE > memory.free_bytes(self.device) // 2):
             for f in self._futures:  # keep the order: drain the queue, then run here
                 f.result()
             done: Future = Future()
