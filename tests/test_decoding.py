@@ -358,6 +358,42 @@ def test_iter_volumes_streams_parts_identically():
             sum(lvl[k] for lvl in whole.queries)
 
 
+def test_shared_groups_match_parts_alone():
+    """Groups of parts whose fine vertices nearly coincide query the union once, as one
+    shared point set; every part still gets its own grid, mask and counts bit for bit.  A
+    group whose union would cost more than its parts' own passes runs them apart."""
+    near = [_sphere((0.1, -0.05, 0.0), 0.45, 4.0), _sphere((0.1, -0.05, 0.0), 0.46, 4.0),
+            _sphere((0.1, -0.05, 0.0), 0.45, 4.0), _box((-0.1, 0.2, 0.05), (0.3, 0.15, 0.5),
+                                                         30.0),
+            _sphere((0.3, 0.3, 0.3), 0.1, 400.0)]
+    kw = dict(chunk=4000, min_resolution=15, dilate_max_resolution=40)
+    alone = {pv.part: pv for pv in dec.iter_volumes(Calls(near), range(5), 64, **kw)}
+    calls = Calls(near)
+    shared_calls = []
+
+    def spy(pts, parts):
+        if pts.shape[0] == 1 and len(parts) > 1 and pts.dtype == torch.float64:
+            shared_calls.append(tuple(parts))
+        return calls(pts, parts)
+    groups = [[0, 1, 2], [3, 4]]
+    seen = []
+    for pv in dec.iter_volumes(spy, range(5), 64, groups=groups, **kw):
+        ref = alone[pv.part]
+        seen.append(pv.part)
+        assert torch.equal(pv.mask, ref.mask)
+        assert torch.equal(pv.grid.nan_to_num(7.0), ref.grid.nan_to_num(7.0))
+        assert pv.queries == ref.queries and pv.reused == ref.reused
+        assert all(r >= q for r, q in zip(pv.rows, pv.queries))
+    assert seen == [0, 1, 2, 3, 4]
+    assert set(shared_calls) == {(0, 1, 2)}  # the box and the small sphere: apart
+    assert alone[1].rows == alone[1].queries
+    assert dec.share_groups(8, 4) == [[0, 1, 2, 3], [4, 5], [6], [7]]
+    assert dec.share_groups(3, 4) == [[0], [1], [2]]
+    assert dec.share_groups(3, 1) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="partition"):
+        list(dec.iter_volumes(spy, range(3), 64, groups=[[0, 1]], **kw))
+
+
 def test_iter_volumes_single_level_and_no_parts():
     fields = _fields(10.0)[:2]
     pvs = list(dec.iter_volumes(Calls(fields), [0, 1], 32, chunk=7000))

@@ -46,3 +46,21 @@ def test_thread_finishes_on_cuda():
     assert not t.is_alive()
     from turbopart.nn.kernels import decoder_triton as kern
     assert "fourier" not in kern.disabled()
+
+
+def test_hold_defers_the_decoder_and_geometry_warm_ups(monkeypatch):
+    import threading
+    ran = []
+    monkeypatch.setattr(first_use, "_cuda", lambda d: ran.append("cuda"))
+    monkeypatch.setattr(first_use, "_triton", lambda: ran.append("triton"))
+    monkeypatch.setattr(first_use, "prompt_kernels", lambda d: ran.append("prompts"))
+    monkeypatch.setattr(first_use, "decoder_kernels", lambda d: ran.append("decoder"))
+    monkeypatch.setattr(first_use, "geometry_kernels", lambda d: ran.append("geometry"))
+    hold = threading.Event()
+    t = threading.Thread(target=first_use._work, args=(torch.device("cuda"), hold))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and ran == ["cuda", "triton", "prompts"]
+    hold.set()
+    t.join(10)
+    assert not t.is_alive() and ran == ["cuda", "triton", "prompts", "decoder", "geometry"]

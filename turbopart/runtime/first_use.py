@@ -7,9 +7,12 @@ stream in, when the CPU and the GPU are mostly idle:
 
 * Triton's once-per-process key: a hash of its own sources and libraries (0.36 s), and the
   import of its compiler modules;
+* the first Triton launch of the process and the segmentation's prompt FPS kernel
+  (:func:`prompt_kernels`);
 * the first use of cuBLAS and of the attention kernels (library and kernel loading), with
   tiny products and one tiny attention in each 16-bit dtype, on a stream of its own;
-* the geometry decoder's Triton kernels that a first call reaches only half-way through
+* after :func:`start`'s ``hold`` (``run``: once the segmentation is done), the geometry
+  decoder's Triton kernels that a first call reaches only half-way through
   its first full-resolution decode: the query-point Fourier kernel for fp16 / fp32 / fp64
   points (the official decoder's 8 frequencies and 56-wide operand; a compile there cost
   ≈1 s on a machine's first run) and the refinement kernels of the octree-512 ladder, run
@@ -57,6 +60,19 @@ def _cuda(device: torch.device) -> None:
     stream.synchronize()
 
 
+def prompt_kernels(device: torch.device, points: int = 100_000) -> None:
+    """The segmentation's prompt FPS (a Triton kernel) on ``points`` random points, a few
+    picks, on a side stream: the first Triton launch of a process pays the runtime's own
+    set-up (≈ 0.2 s in ``run``'s prompt stage otherwise) and the kernel's load."""
+    from ..geometry.fps import farthest_point_sampling
+    stream = torch.cuda.Stream(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
+        pts = torch.rand(points, 3, device=device, generator=g)
+        farthest_point_sampling(pts, 16, 0, ties="last")
+    stream.synchronize()
+
+
 def decoder_kernels(device: torch.device) -> None:
     """Compile and run once, on a side stream, the geometry decoder's Triton kernels that a
     short call does not reach: the Fourier operand for fp16 / fp32 / fp64 points and the
@@ -100,22 +116,38 @@ def geometry_kernels(device: torch.device, octree_resolution: int = 512) -> None
         stream.synchronize()
 
 
-def _work(device: torch.device) -> None:
+def hold_enabled() -> bool:
+    """``TURBOPART_FIRST_USE_HOLD=0`` ignores :func:`start`'s ``hold`` (A/B)."""
+    return os.environ.get("TURBOPART_FIRST_USE_HOLD", "1").strip() != "0"
+
+
+def _work(device: torch.device, hold: threading.Event | None = None) -> None:
     """Every warm-up in turn (CUDA only: :func:`start` runs nothing else); a failing one
-    is skipped."""
-    for step in (_cuda, lambda _: _triton(), decoder_kernels, geometry_kernels):
+    is skipped.  The decoder and geometry warm-ups wait for ``hold`` first."""
+    for step in (_cuda, lambda _: _triton(), prompt_kernels, None, decoder_kernels,
+                 geometry_kernels):
+        if step is None:
+            if hold is not None and hold_enabled():
+                hold.wait()
+            continue
         try:
             step(device)
         except Exception:  # noqa: BLE001 - a warm-up never fails the command
             pass
 
 
-def start(device: torch.device | str) -> threading.Thread | None:
-    """Start the warm-up for ``device`` (CUDA only; None when off or on the CPU)."""
+def start(device: torch.device | str, *, hold: threading.Event | None = None
+          ) -> threading.Thread | None:
+    """Start the warm-up for ``device`` (CUDA only; None when off or on the CPU).
+
+    ``hold``: the geometry decoder's and meshing warm-ups, needed only at the first
+    decode, wait until it is set, so that they do not compete with a model call that
+    comes first (``run``'s segmentation, 1.4 s alone and 3.1–4.0 s beside every warm-up,
+    the X-Part load and the object sampling); the caller must set it."""
     device = torch.device(device)
     if not enabled() or device.type != "cuda":
         return None
-    t = threading.Thread(target=_work, args=(device,), name="turbopart-first-use",
+    t = threading.Thread(target=_work, args=(device, hold), name="turbopart-first-use",
                          daemon=True)
     t.start()
     return t

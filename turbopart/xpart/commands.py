@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -591,10 +592,13 @@ def cmd_run(args) -> int:
     out = Output(default_out(args.out, args.mesh or "example"))
     pool = ThreadPoolExecutor(2)
     files = None
+    segmented = threading.Event()
     try:
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
         from ..runtime import first_use
-        first_use.start(device)  # library first-use costs while the models load
+        # library first-use costs while the models load; the decoder's and meshing's
+        # after the segmentation (beside X-Part's conditioner and DiT loop)
+        first_use.start(device, hold=segmented)
         t0 = time.perf_counter()
         weights = resolve_weights(args.weights, progress=not args.quiet)
         from ..p3sam.segmenter import Segmenter
@@ -625,6 +629,7 @@ def cmd_run(args) -> int:
                                 max_parts=max_parts, seed=args.seed, variant="xpart",
                                 progress=not args.quiet, **kw)
         timings["segmentation"] = time.perf_counter() - t0
+        segmented.set()
         del seg_model  # P3-SAM's GPU memory goes back to X-Part's budget
         if seg.num_parts == 0 and fixed is None:
             raise UserError("segmentation found no parts")
@@ -657,6 +662,7 @@ def cmd_run(args) -> int:
         out.discard()
         raise
     finally:
+        segmented.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -496,6 +496,7 @@ class XPartPipeline:
             colors = part_colors(k)
         query = self._query_fn(kv)
         counters: dict[str, Any] = {"queries_per_level": [], "reused_per_level": [],
+                                    "rows_per_level": [],
                                     "raw_faces": [], "faces": []}
         bar = _bar(progress, k, "decoding", "part")
 
@@ -519,9 +520,14 @@ class XPartPipeline:
         # One coarse pass for all parts, then every part's fine levels; each part is meshed
         # as it arrives (only one part's fine grids are alive at a time) and finished
         # (clean-up, download, on_part) on another thread while the next part decodes.
+        # parts decoded as one group hold their fine grids together: as many as the
+        # working budget holds
+        fit = memory.budget_bytes(dev) // decoding.bytes_per_part(octree_resolution)
+        groups = decoding.share_groups(k, min(decode_share_from_env(), max(1, fit)))
+        counters["decode_groups"] = groups
         parts = decoding.iter_volumes(query, list(range(k)), octree_resolution, device=dev,
                                       chunk=chunk, fine_dtype=fine_dtype,
-                                      reuse=decoding.reuse_from_env())
+                                      reuse=decoding.reuse_from_env(), groups=groups)
         with PartFinisher(dev) as finisher, finisher.foreground():
             while True:
                 with prof.stage("volume_decode"):
@@ -532,6 +538,7 @@ class XPartPipeline:
                     verts, faces = marching_cubes(vol.grid, decoding.MC_LEVEL, mask=vol.mask)
                 pi, resolution = vol.part, vol.resolution
                 qs, reused = list(vol.queries), list(vol.reused)
+                counters["rows_per_level"].append(list(vol.rows))
                 del vol  # its grids are freed before the part is finished
                 counters["queries_per_level"].append(qs)
                 counters["reused_per_level"].append(reused)
@@ -545,6 +552,8 @@ class XPartPipeline:
             bar.close()
         counters["faces"] = [0 if p.mesh is None else int(len(p.mesh.faces)) for p in results]
         counters["queries_total"] = int(sum(sum(q) for q in counters["queries_per_level"]))
+        # rows the part-dependent decoder path evaluated (a shared union can hold more)
+        counters["rows_total"] = int(sum(sum(r) for r in counters["rows_per_level"]))
         # the official decoder's query count (it queries the reused vertices again)
         counters["grid_values_total"] = counters["queries_total"] + int(
             sum(sum(r) for r in counters["reused_per_level"]))
@@ -617,6 +626,15 @@ CLEANUP_BYTES_PER_FACE = 160
 FINISH_THREAD_MIN_FACES = 2_000_000
 
 
+def decode_share_from_env() -> int:
+    """``TURBOPART_DECODE_SHARE`` (default 8): most parts whose fine levels are decoded as
+    one group, querying the union of their fine vertices once where that pays
+    (:func:`decoding.share_groups`, the last two parts alone; fewer when their grids do not
+    fit the working budget); 1: every part alone.  Plain init, K = 8 (groups of 4 / 6):
+    volume decoding 58.0 → 55.5 / 55.1 s, the run 2.9 / 3.3 s shorter."""
+    return max(1, int(os.environ.get("TURBOPART_DECODE_SHARE", "8")))
+
+
 def finish_threaded_from_env() -> bool:
     """``TURBOPART_FINISH_THREAD=0`` finishes each part in the decoding thread (for A/B)."""
     return os.environ.get("TURBOPART_FINISH_THREAD", "1").strip() != "0"
@@ -634,11 +652,12 @@ class PartFinisher:
     On CUDA the worker has its own stream, which first waits for the work the submitter
     queued so far (the part's marching cubes); host waits inside the finishing (counts,
     downloads) then block only the worker, and its host work (NumPy, file writes) overlaps
-    the decoding.  A part is finished in the submitting thread, after the queue drains,
-    when it is small (``num_faces`` under :data:`FINISH_THREAD_MIN_FACES`), when its
-    finishing needs more than half of the free device memory (``num_faces`` ×
-    :data:`CLEANUP_BYTES_PER_FACE`), and always with ``threaded=False``
-    (``TURBOPART_FINISH_THREAD=0``).
+    the decoding.  A part is finished in the submitting thread instead when it is small
+    (``num_faces`` under :data:`FINISH_THREAD_MIN_FACES`) and the worker is idle (behind
+    a busy worker it is queued: waiting there for the queue would stall the decoding),
+    after the queue drains when its finishing needs more than half of the free device
+    memory (``num_faces`` × :data:`CLEANUP_BYTES_PER_FACE`), and always with
+    ``threaded=False`` (``TURBOPART_FINISH_THREAD=0``).
     """
 
     def __init__(self, device: torch.device | str, threaded: bool | None = None):
@@ -686,7 +705,8 @@ class PartFinisher:
         """Finish a part: ``fn(*args)``; ``num_faces``: its marching-cubes face count."""
         from concurrent.futures import Future
         self._check()
-        if (self._pool is None or num_faces < FINISH_THREAD_MIN_FACES
+        busy = any(not f.done() for f in self._futures)
+        if (self._pool is None or (num_faces < FINISH_THREAD_MIN_FACES and not busy)
                 or num_faces * CLEANUP_BYTES_PER_FACE > memory.free_bytes(self.device) // 2):
             for f in self._futures:  # keep the order: drain the queue, then run here
                 f.result()
