@@ -142,7 +142,7 @@ def start(device: torch.device | str, *, hold: threading.Event | None = None
 
     ``hold``: the geometry decoder's and meshing warm-ups, needed only at the first
     decode, wait until it is set, so that they do not compete with a model call that
-    comes first (``run``'s segmentation, 1.4 s alone and 3.1–4.0 s beside every warm-up,
+    comes first (``run``'s segmentation, 1.4 s alone and 2.9–4.0 s beside every warm-up,
     the X-Part load and the object sampling); the caller must set it."""
     device = torch.device(device)
     if not enabled() or device.type != "cuda":

@@ -517,11 +517,10 @@ class XPartPipeline:
                 bar.update(1)
             return res
 
-        # One coarse pass for all parts, then every part's fine levels; each part is meshed
-        # as it arrives (only one part's fine grids are alive at a time) and finished
+        # One coarse pass for all parts, then each group's fine levels; each part is meshed
+        # as it arrives (only one group's fine grids are alive at a time) and finished
         # (clean-up, download, on_part) on another thread while the next part decodes.
-        # parts decoded as one group hold their fine grids together: as many as the
-        # working budget holds
+        # A group holds its parts' fine grids together: as many as the working budget holds
         fit = memory.budget_bytes(dev) // decoding.bytes_per_part(octree_resolution)
         groups = decoding.share_groups(k, min(decode_share_from_env(), max(1, fit)))
         counters["decode_groups"] = groups
