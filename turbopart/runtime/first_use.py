@@ -121,19 +121,21 @@ def hold_enabled() -> bool:
     return os.environ.get("TURBOPART_FIRST_USE_HOLD", "1").strip() != "0"
 
 
-def _work(device: torch.device, hold: threading.Event | None = None) -> None:
-    """Every warm-up in turn (CUDA only: :func:`start` runs nothing else); a failing one
-    is skipped.  The decoder and geometry warm-ups wait for ``hold`` first."""
-    for step in (_cuda, lambda _: _triton(), prompt_kernels, None, decoder_kernels,
-                 geometry_kernels):
-        if step is None:
-            if hold is not None and hold_enabled():
-                hold.wait()
-            continue
+def _steps(device: torch.device, steps) -> None:
+    for step in steps:
         try:
             step(device)
         except Exception:  # noqa: BLE001 - a warm-up never fails the command
             pass
+
+
+def _work(device: torch.device, hold: threading.Event | None = None) -> None:
+    """Every warm-up in turn (CUDA only: :func:`start` runs nothing else); a failing one
+    is skipped.  The decoder and geometry warm-ups wait for ``hold`` first."""
+    _steps(device, (_cuda, lambda _: _triton(), prompt_kernels))
+    if hold is not None and hold_enabled():
+        hold.wait()
+    _steps(device, (decoder_kernels, geometry_kernels))
 
 
 def start(device: torch.device | str, *, hold: threading.Event | None = None

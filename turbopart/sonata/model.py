@@ -279,23 +279,20 @@ class Sonata(nn.Module):
         k = len(self.config.order)
         feats = []
         with backend_context(attention_backend()):
-            self._stages(ctx, x, plans, k, feats, dbg)
+            for s, (stage, plan) in enumerate(zip(self.stages(), plans)):
+                if s > 0:
+                    x = self._pool(ctx, stage.down, x, plan).float()
+                    if dbg is not None:
+                        dbg[f"stage{s}.down"] = x
+                for i, blk in enumerate(stage.blocks()):
+                    # official order_index = i % len(order): block i attends along curve
+                    # i mod k of the stage's shuffled list (stage 0's 3 blocks never use
+                    # the 4th curve)
+                    x = self._block(ctx, blk, x, plan, i % k, dbg, f"stage{s}.block{i}")
+                    if dbg is not None:
+                        dbg[f"stage{s}.block{i}"] = x
+                feats.append(x)
         return EncoderOutput(feats, dbg or {})
-
-    def _stages(self, ctx: _Compute, x: torch.Tensor, plans: list[StagePlan], k: int,
-                feats: list, dbg: dict | None) -> None:
-        for s, (stage, plan) in enumerate(zip(self.stages(), plans)):
-            if s > 0:
-                x = self._pool(ctx, stage.down, x, plan).float()
-                if dbg is not None:
-                    dbg[f"stage{s}.down"] = x
-            for i, blk in enumerate(stage.blocks()):
-                # official order_index = i % len(order): block i attends along curve i mod k
-                # of the stage's shuffled list (stage 0's 3 blocks never use the 4th curve)
-                x = self._block(ctx, blk, x, plan, i % k, dbg, f"stage{s}.block{i}")
-                if dbg is not None:
-                    dbg[f"stage{s}.block{i}"] = x
-            feats.append(x)
 
     def multiscale(self, feats: list[torch.Tensor], plans: list[StagePlan],
                    dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -325,10 +325,8 @@ class PartFiles:
         """Queue the writes of ``part`` (a :class:`~turbopart.xpart.pipeline.PartResult`;
         parts without a surface are skipped); an earlier write's error is raised here."""
         from ..mesh import write_glb
-        from .pipeline import glb_part
-        for j in self._jobs:
-            if j.done() and j.exception() is not None:
-                j.result()
+        from .pipeline import glb_part, raise_failed
+        raise_failed(self._jobs)
         if not part.ok:
             return
         self.parts.append(part)

@@ -34,10 +34,11 @@ chunks are sized from free memory; per level and part there is one host synchron
 (the per-plane counts that size every chunk), none inside the chunk loop.
 
 :func:`iter_volumes` runs the coarse level for all parts at once (one shared query set, so
-the decoder's query projection runs once for every part) and then the finer levels part
-after part, yielding each part's grid and mask before starting the next: only one part's
-513³ buffers are alive at a time (~0.5 GB instead of ~0.8 GB per part of a group), so all
-parts form one group and a consumer can mesh each part as it arrives.
+the decoder's query projection runs once for every part) and then the finer levels group
+after group (a part alone by default; parts of a group query the union of their fine
+vertices as one shared set where that pays), yielding each part's grid and mask before the
+next group starts: only one group's 513³ buffers are alive at a time, and a consumer can
+mesh each part as it arrives.
 :func:`decode_volumes` collects the same results into ``[B, …]`` tensors.
 """
 from __future__ import annotations
@@ -393,22 +394,40 @@ class _Level:
             fine_dtype: torch.dtype, on_queries) -> tuple[torch.Tensor, int]:
         """Queue the level's queries: its grid ``[R+1]³`` float16 (NaN / INVALID where not
         evaluated) and the number of queries."""
-        size = self.r + 1
-        step = float(_extent(bounds) / self.r)  # official: numpy (max - min) / R in float64
-        new = self.new_grid()
-        new_flat = new.view(-1)
-        plane = size * size
-        n_level = 0
-        for a, e, n in _plan_slabs(self.counts(), plane, chunk):
-            lin = _nonzero_flat(self.fine[a:e], n) + a * plane
-            q = _fine_points(lin, size, step, bounds, fine_dtype)
-            logits = query_fn(q.unsqueeze(0), [part])
-            new_flat.index_copy_(0, lin, logits.reshape(-1).to(torch.float16))
-            n_level += n
-            if on_queries is not None:
-                on_queries(n)
-        self.take_reused(new)
-        return new, n_level
+        (new,) = _query_levels(query_fn, [self], self.fine, self.counts(), [part],
+                               chunk=chunk, bounds=bounds, fine_dtype=fine_dtype,
+                               on_queries=on_queries)
+        return new, sum(self.counts())
+
+
+def _query_levels(query_fn: QueryFn, levels: list[_Level], index: torch.Tensor,
+                  plane_counts: list[int], parts: list, *, chunk: int, bounds: float,
+                  fine_dtype: torch.dtype, on_queries) -> list[torch.Tensor]:
+    """Queue the queries of the fine vertices ``index`` (boolean ``[R+1]³``, ``plane_counts``
+    set per first-axis plane: one level's own index, or the union of several parts' at one
+    resolution) for the parts of ``levels`` as one shared point set, in slabs of at most
+    ``chunk`` rows; each part's new grid takes only the values of its own vertices.
+    Returns the grids (reused vertices filled in, :meth:`_Level.take_reused`)."""
+    g = len(levels)
+    r = levels[0].r
+    size, plane = r + 1, (r + 1) ** 2
+    step = float(_extent(bounds) / r)  # official: numpy (max - min) / R in float64
+    news = [lv.new_grid() for lv in levels]
+    flats = [n.view(-1) for n in news]
+    for a, e, n in _plan_slabs(plane_counts, plane, max(1, chunk // g)):
+        lin = _nonzero_flat(index[a:e], n) + a * plane
+        q = _fine_points(lin, size, step, bounds, fine_dtype)
+        logits = query_fn(q.unsqueeze(0), parts).reshape(g, -1).to(torch.float16)
+        for lv, flat, row in zip(levels, flats, logits):
+            if g > 1:  # a union: the other parts' vertices keep this part's fill
+                row = torch.where(lv.fine.view(-1).index_select(0, lin), row,
+                                  flat.index_select(0, lin))
+            flat.index_copy_(0, lin, row)
+        if on_queries is not None:
+            on_queries(g * n)
+    for lv, new in zip(levels, news):
+        lv.take_reused(new)
+    return news
 
 
 #: Share of a decoder query's cost that does not depend on the part (Fourier features,
@@ -446,27 +465,12 @@ class _SharedLevel:
             ) -> tuple[list[torch.Tensor], list[int], list[int]]:
         """As :meth:`_Level.run` for every part: grids, own query counts, rows evaluated
         (the union's size) per part."""
-        g = len(self.levels)
-        r = self.levels[0].r
-        size, plane = r + 1, (r + 1) ** 2
-        step = float(_extent(bounds) / r)
-        news = [lv.new_grid() for lv in self.levels]
-        flats = [n.view(-1) for n in news]
-        owns = [lv.fine.view(-1) for lv in self.levels]
-        for a, e, n in _plan_slabs(self.counts(), plane, max(1, chunk // g)):
-            lin = _nonzero_flat(self.union[a:e], n) + a * plane
-            q = _fine_points(lin, size, step, bounds, fine_dtype)
-            logits = query_fn(q.unsqueeze(0), parts).reshape(g, -1).to(torch.float16)
-            for flat, own, row in zip(flats, owns, logits):
-                flat.index_copy_(0, lin, torch.where(own.index_select(0, lin), row,
-                                                     flat.index_select(0, lin)))
-            if on_queries is not None:
-                on_queries(g * n)
+        news = _query_levels(query_fn, self.levels, self.union, self.counts(), parts,
+                             chunk=chunk, bounds=bounds, fine_dtype=fine_dtype,
+                             on_queries=on_queries)
         self.union = None
-        for lv, new in zip(self.levels, news):
-            lv.take_reused(new)
         rows = sum(self.counts())
-        return news, [sum(lv.counts()) for lv in self.levels], [rows] * g
+        return news, [sum(lv.counts()) for lv in self.levels], [rows] * len(self.levels)
 
 
 def _run_group(query_fn: QueryFn, levels: list[_Level], shared: _SharedLevel | None,

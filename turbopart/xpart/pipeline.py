@@ -495,9 +495,7 @@ class XPartPipeline:
             from ..mesh import part_colors
             colors = part_colors(k)
         query = self._query_fn(kv)
-        counters: dict[str, Any] = {"queries_per_level": [], "reused_per_level": [],
-                                    "rows_per_level": [],
-                                    "raw_faces": [], "faces": []}
+        counters: dict[str, Any] = {"rows_per_level": []}
         bar = _bar(progress, k, "decoding", "part")
 
         def finish(pi, verts, faces, resolution, qs, reused):
@@ -539,9 +537,6 @@ class XPartPipeline:
                 qs, reused = list(vol.queries), list(vol.reused)
                 counters["rows_per_level"].append(list(vol.rows))
                 del vol  # its grids are freed before the part is finished
-                counters["queries_per_level"].append(qs)
-                counters["reused_per_level"].append(reused)
-                counters["raw_faces"].append(int(faces.shape[0]))
                 finisher.submit(finish, pi, verts, faces, resolution, qs, reused,
                                 num_faces=int(faces.shape[0]))
                 del verts, faces
@@ -549,6 +544,9 @@ class XPartPipeline:
                 results = finisher.results()
         if bar:
             bar.close()
+        counters["queries_per_level"] = [list(p.queries) for p in results]
+        counters["reused_per_level"] = [list(p.reused) for p in results]
+        counters["raw_faces"] = [p.raw_faces for p in results]
         counters["faces"] = [0 if p.mesh is None else int(len(p.mesh.faces)) for p in results]
         counters["queries_total"] = int(sum(sum(q) for q in counters["queries_per_level"]))
         # rows the part-dependent decoder path evaluated (a shared union can hold more)
@@ -644,6 +642,14 @@ def foreground_priority_from_env() -> bool:
     return os.environ.get("TURBOPART_FOREGROUND_PRIORITY", "1").strip() != "0"
 
 
+def raise_failed(futures) -> None:
+    """Re-raise the error of the first of ``futures`` that has failed, without waiting for
+    the ones still running."""
+    for f in futures:
+        if f.done() and f.exception() is not None:
+            f.result()
+
+
 class PartFinisher:
     """Runs each part's finishing work (clean-up, download, the caller's ``on_part``) on one
     worker thread, in submission order, while the submitting thread decodes the next part.
@@ -693,17 +699,11 @@ class PartFinisher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _check(self) -> None:
-        """Raise a finished job's error now rather than after the whole decode."""
-        for f in self._futures:
-            if f.done() and f.exception() is not None:
-                f.result()
-
     def submit(self, fn: Callable[..., PartResult], *args,
                num_faces: int = FINISH_THREAD_MIN_FACES) -> None:
         """Finish a part: ``fn(*args)``; ``num_faces``: its marching-cubes face count."""
         from concurrent.futures import Future
-        self._check()
+        raise_failed(self._futures)  # an error now rather than after the whole decode
         busy = any(not f.done() for f in self._futures)
         if (self._pool is None or (num_faces < FINISH_THREAD_MIN_FACES and not busy)
                 or num_faces * CLEANUP_BYTES_PER_FACE > memory.free_bytes(self.device) // 2):
