@@ -40,7 +40,10 @@ class MeshError(UserError):
 
 # --------------------------------------------------------------------------- loading
 
-def _check_file(path: Path) -> None:
+def check_mesh_file(path: str | os.PathLike) -> None:
+    """The checks :func:`load_mesh` makes before parsing (exists, a file, a supported type,
+    not empty), without importing trimesh: a :class:`MeshError` at once."""
+    path = Path(path)
     if not path.exists():
         raise MeshError(f"{path}: no such file")
     if path.is_dir():
@@ -66,7 +69,7 @@ def load_mesh(path: str | os.PathLike) -> trimesh.Trimesh:
     transforms (``Scene.to_mesh``).
     """
     path = Path(path)
-    _check_file(path)
+    check_mesh_file(path)
     try:
         scene = trimesh.load_scene(str(path), process=False)
     except Exception as exc:  # every parser error becomes one line

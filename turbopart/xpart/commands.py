@@ -525,28 +525,33 @@ def default_out(out, mesh) -> str:
 
 
 def cmd_generate(args) -> int:
-    from ..mesh import load_mesh
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..mesh import check_mesh_file
     settings = resolve_settings(args)
-    mesh = load_mesh(args.mesh)
+    check_mesh_file(args.mesh)  # a missing or unsupported file fails before any work
     boxes = limit_boxes(read_boxes(args.boxes), args.max_parts)
     device = parse_device(args.device)
     out = Output(default_out(args.out, args.mesh))
+    pool = ThreadPoolExecutor(2)
     files = None
     try:
-        from concurrent.futures import ThreadPoolExecutor
-
+        from .pipeline import XPartPipeline  # noqa: F401 - imported here, loaded on a thread
         from .preprocess import object_inputs
         timings: dict[str, float] = {"startup": _process_age() or 0.0}
         from ..runtime import first_use
         first_use.start(device)  # library first-use costs while the models load
         t0 = time.perf_counter()
         weights = resolve_weights(args.weights, progress=not args.quiet)
-        with ThreadPoolExecutor(1) as pool:  # object surface while the models load
-            fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed,
-                               surface_points_of(weights))
-            pipe = _load_pipeline(args, device, weights)
-            timings["load"] = time.perf_counter() - t0
-            obj = fobj.result()
+        # X-Part streams in while this thread reads the mesh; the object surface is
+        # sampled beside the rest of the load
+        fpipe = pool.submit(_load_pipeline, args, device, weights)
+        mesh, _ = _input_mesh(args.mesh)
+        timings["mesh"] = time.perf_counter() - t0
+        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
+        pipe = fpipe.result()
+        timings["load"] = time.perf_counter() - t0
+        obj = fobj.result()
         files = PartFiles(out, len(boxes))
         result = pipe(mesh, boxes, steps=settings["steps"],
                       octree_resolution=settings["octree_resolution"], seed=args.seed,
@@ -562,6 +567,8 @@ def cmd_generate(args) -> int:
             files.discard()
         out.discard()
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def result_valid(result, boxes: np.ndarray) -> np.ndarray:
@@ -570,25 +577,31 @@ def result_valid(result, boxes: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _input_mesh(path) -> tuple:
+    """The command's mesh and its source name (the bundled example when ``path`` is None)."""
+    from ..mesh import load_mesh
+    if path is None:
+        from ..examples import example_mesh
+        return example_mesh("chair"), "example:chair"
+    return load_mesh(path), str(path)
+
+
 def cmd_run(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from ..cli import UserError
-    from ..mesh import load_mesh
+    from ..mesh import check_mesh_file
     settings = resolve_settings(args)
     if args.points < 1 or args.prompts < 1:
         raise UserError("--points and --prompts must be at least 1")
     if args.prompts > args.points:
         raise UserError("--prompts cannot exceed --points")
-    if args.mesh is None:
-        from ..examples import example_mesh
-        mesh, source = example_mesh("chair"), "example:chair"
-    else:
-        mesh, source = load_mesh(args.mesh), str(args.mesh)
     fixed = read_boxes(args.bench_boxes) if getattr(args, "bench_boxes", None) else None
     device = parse_device(args.device)
+    if args.mesh is not None:
+        check_mesh_file(args.mesh)  # a missing or unsupported file fails before any work
     out = Output(default_out(args.out, args.mesh or "example"))
-    pool = ThreadPoolExecutor(2)
+    pool = ThreadPoolExecutor(3)
     files = None
     segmented = threading.Event()
     try:
@@ -602,17 +615,23 @@ def cmd_run(args) -> int:
         from ..p3sam.segmenter import Segmenter
         from .pipeline import XPartPipeline
         from .preprocess import object_inputs
-        # X-Part's object surface is sampled from the start; X-Part (8 GB) streams in while
-        # P3-SAM segments.  TURBOPART_RUN_LOAD_ORDER=together starts both loads at once
-        # (the small P3-SAM then shares the disk with X-Part from its first byte).
-        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
+        # P3-SAM loads on a thread while this one imports trimesh and reads the mesh (CPU
+        # work of about a second that used to come first); X-Part's object surface is
+        # sampled as soon as the mesh is there, and X-Part (8 GB) streams in while P3-SAM
+        # segments.  TURBOPART_RUN_LOAD_ORDER=together starts both loads at once (the small
+        # P3-SAM then shares the disk with X-Part from its first byte).
+        fseg = pool.submit(Segmenter.from_pretrained, weights, device=device,
+                           numerics=args.numerics)
 
         def load_xpart():
             return pool.submit(XPartPipeline.from_pretrained, weights, device=device,
                                numerics=args.numerics)
         together = os.environ.get("TURBOPART_RUN_LOAD_ORDER", "p3sam-first") == "together"
         fx = load_xpart() if together else None
-        seg_model = Segmenter.from_pretrained(weights, device=device, numerics=args.numerics)
+        mesh, source = _input_mesh(args.mesh)
+        timings["mesh"] = time.perf_counter() - t0
+        fobj = pool.submit(object_inputs, _own_copy(mesh), args.seed, surface_points_of(weights))
+        seg_model = fseg.result()
         fx = fx or load_xpart()
         timings["load"] = time.perf_counter() - t0
 
