@@ -122,6 +122,16 @@ def _register_product_commands(sub) -> None:
     register_xpart(sub)
 
 
+def _bytecode_cache() -> None:
+    """Cache the byte-code of the imports where the install has none
+    (:mod:`turbopart.runtime.bytecode`; ``TURBOPART_PYCACHE=0`` switches it off)."""
+    try:
+        from .runtime import bytecode
+        bytecode.enable()
+    except Exception:  # a cache must never stop the command
+        pass
+
+
 def _early_prefetch(argv: list[str] | None):
     """Start the read-ahead of the weights (and of the libraries torch is about to map) for
     the commands that load models, before anything heavy is imported
@@ -148,6 +158,7 @@ def _early_prefetch(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command-line process itself (not an in-process call)
+        _bytecode_cache()
         _early_prefetch(sys.argv[1:])
         _exit_now(_main(None))
     return _main(argv)

@@ -195,8 +195,8 @@ def weight_ranges(weights: str | os.PathLike, components) -> list[tuple[str, lis
 
 def random_weights_dir(init: str = "realistic") -> Path:
     """Where ``--weights random[:init]`` keeps its full-size random weights."""
-    root = os.environ.get("TURBOPART_CACHE") or str(Path.home() / ".cache" / "turbopart")
-    return Path(root) / f"random-{init}"
+    from .bytecode import cache_root
+    return cache_root() / f"random-{init}"
 
 
 def find_weights(spec: str | None = None) -> Path | None:
@@ -234,8 +234,8 @@ def profile_path() -> Path | None:
         return None
     if env:
         return Path(env)
-    root = os.environ.get("TURBOPART_CACHE") or str(Path.home() / ".cache" / "turbopart")
-    return Path(root) / "startup-profile.json"
+    from .bytecode import cache_root
+    return cache_root() / "startup-profile.json"
 
 
 def _file_key(path: str) -> list[int] | None:

@@ -185,8 +185,8 @@ def random_weights(init: str = "realistic", *, seed: int = 0, progress: bool = T
     import torch
 
     from .. import weights as W
-    root = Path(cache) if cache else Path(os.environ.get(
-        "TURBOPART_CACHE", Path.home() / ".cache" / "turbopart"))
+    from ..runtime.bytecode import cache_root
+    root = Path(cache) if cache else cache_root()
     path = root / (f"random-{init}" + (f"-seed{seed}" if seed else ""))
     banner = ("!" * 78 + "\n!!  RANDOM WEIGHTS: the models are untrained, every output is NOISE.  "
               "For\n!!  trying the tool and for benchmarks only.  Real weights: "
