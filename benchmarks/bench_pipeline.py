@@ -218,8 +218,9 @@ STARTUP_CODE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 w, dev, num = sys.argv[1], sys.argv[2], sys.argv[3]
-# As the CLI: the read-ahead helper first (weights + library profile), then the imports.
-from turbopart.runtime import prefetch
+# As the CLI: the byte-code cache and the read-ahead helper first, then the imports.
+from turbopart.runtime import bytecode, prefetch
+bytecode.enable()
 helper = prefetch.start(w, ("p3sam", "model", "conditioner", "shapevae"))
 import torch
 from turbopart.xpart.pipeline import XPartPipeline

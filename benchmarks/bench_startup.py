@@ -48,14 +48,15 @@ from bench_pipeline import drop_page_cache  # noqa: E402
 
 COMPONENTS = ("p3sam", "model", "conditioner", "shapevae")
 
-#: The child: the CLI's start-up order (read-ahead helper, then imports, then both models in
+#: The child: the CLI's start-up order (byte-code cache, read-ahead helper, then imports, then both models in
 #: parallel), then optionally the first calls.  Prints ``READY {json}`` and ``FIRST {json}``.
 CHILD = r"""
 import json, os, sys, time
 t_wall0 = time.time()
 t0 = time.perf_counter()
 w, dev, num, first = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-from turbopart.runtime import prefetch
+from turbopart.runtime import bytecode, prefetch
+bytecode.enable()
 helper = prefetch.start(w, ("p3sam", "model", "conditioner", "shapevae"))
 t_helper = time.perf_counter()
 import torch

@@ -13,7 +13,8 @@ returns one box with random weights), then X-Part on a fixed 2×2×2 box grid.  
   variables (A/B of switches, same machine, same call).
 
 Before the timed runs one short ``run`` (2 steps, grid 128) fills Triton's on-disk kernel
-cache, as any earlier run on the machine would; its wall clock is reported as the
+cache (and, on an install without ``.pyc`` files, turbopart's byte-code cache), as any
+earlier run on the machine would; its wall clock is reported as the
 first-ever run.  The page cache is dropped before each timed process (root on Linux).
 
     python benchmarks/bench_whole_run.py --init realistic|plain [--weights-seed S]
