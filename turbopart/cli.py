@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .runtime.switches import switch
+
 EPILOG = """\
 The weights are Tencent's (tencent/Hunyuan3D-Part, under their license) and are downloaded
 by you: `turbopart weights download`, or pass --weights DIR / set TURBOPART_WEIGHTS.
@@ -169,7 +171,7 @@ def _exit_now(code: int) -> None:
     the ``atexit`` handlers, flush, and skip the interpreter's teardown (freeing every
     module, tensor and the CUDA context one object at a time adds about a second after a
     model run).  ``TURBOPART_FAST_EXIT=0`` keeps the normal exit."""
-    if os.environ.get("TURBOPART_FAST_EXIT", "1") == "0":
+    if not switch("TURBOPART_FAST_EXIT"):
         sys.exit(code)
     import atexit
     try:

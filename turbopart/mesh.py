@@ -27,6 +27,7 @@ import numpy as np
 
 from .cli import UserError
 from . import _lazy_import
+from .runtime.switches import switch
 
 trimesh = _lazy_import("trimesh")  # imported on first use (start-up time)
 
@@ -149,7 +150,7 @@ def clean_mesh(mesh: trimesh.Trimesh, rewrap_process: bool = True, *,
     vectorised with trimesh's rules; the result is bit-identical (same vertices, same faces in
     the same order and winding), else trimesh runs as above.
     """
-    if not inplace and os.environ.get("TURBOPART_FAST_CLEAN", "1") != "0":
+    if not inplace and switch("TURBOPART_FAST_CLEAN"):
         fast = _clean_fast(mesh)
         if fast is not None:
             return fast

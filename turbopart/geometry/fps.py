@@ -12,14 +12,13 @@ runs ``n_samples`` iterations of a few whole-tensor kernels and never syncs with
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..runtime.switches import switch
 from . import fps_triton
 
 #: The one-kernel Triton path on CUDA (``TURBOPART_FPS_TRITON=0`` forces the PyTorch loop).
-USE_TRITON = os.environ.get("TURBOPART_FPS_TRITON", "1") != "0"
+USE_TRITON = switch("TURBOPART_FPS_TRITON")
 
 
 def farthest_point_sampling(points: torch.Tensor, n_samples: int, start: torch.Tensor | int,

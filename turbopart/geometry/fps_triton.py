@@ -16,9 +16,9 @@ minimum, ties to the first or last index.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..runtime.switches import switch
 
 try:
     import triton
@@ -173,7 +173,7 @@ def fps_triton(points: torch.Tensor, n_samples: int, start: torch.Tensor, *, tie
     count = torch.zeros(b, dtype=torch.int32, device=dev)
     start = start.to(dev, torch.int64).contiguous()
     if resident is None:
-        resident = os.environ.get("TURBOPART_FPS_RESIDENT", "1") != "0"
+        resident = switch("TURBOPART_FPS_RESIDENT")
     if resident and slice_len <= RESIDENT_SLICE:
         sl = max(1024, triton.next_power_of_2(slice_len))
         _fps_resident_kernel[(b * p,)](

@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from .switches import switch
+
 #: The package whose byte-code decides (the bulk of the start-up's imports).
 PROBE = "torch"
 
@@ -33,7 +35,7 @@ def cache_root() -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("TURBOPART_PYCACHE", "1").strip() != "0"
+    return switch("TURBOPART_PYCACHE")
 
 
 def installed_bytecode(package: str = PROBE) -> bool | None:

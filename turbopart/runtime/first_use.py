@@ -28,14 +28,15 @@ it off.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 
+from .switches import switch
+
 
 def enabled() -> bool:
-    return os.environ.get("TURBOPART_FIRST_USE", "1").strip() != "0"
+    return switch("TURBOPART_FIRST_USE")
 
 
 def _triton() -> None:
@@ -118,7 +119,7 @@ def geometry_kernels(device: torch.device, octree_resolution: int = 512) -> None
 
 def hold_enabled() -> bool:
     """``TURBOPART_FIRST_USE_HOLD=0`` ignores :func:`start`'s ``hold`` (A/B)."""
-    return os.environ.get("TURBOPART_FIRST_USE_HOLD", "1").strip() != "0"
+    return switch("TURBOPART_FIRST_USE_HOLD")
 
 
 def _steps(device: torch.device, steps) -> None:

@@ -43,13 +43,14 @@ mesh each part as it arrives.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from ..runtime.switches import switch
 
 #: Official constants of ``latent2mesh_2`` / ``extract_geometry_fast`` (spec §3.5).
 BOUNDS = 1.01
@@ -68,7 +69,7 @@ QueryFn = Callable[[torch.Tensor, list], torch.Tensor]
 def reuse_from_env() -> bool:
     """``TURBOPART_DECODE_REUSE=0`` queries the vertices a level shares with the level
     before again, as the official decoder does (same grids; for A/B checks)."""
-    return os.environ.get("TURBOPART_DECODE_REUSE", "1").strip() != "0"
+    return switch("TURBOPART_DECODE_REUSE")
 
 
 def _extent(bounds: float) -> np.float64:

@@ -52,6 +52,7 @@ import torch
 
 from ..runtime import memory
 from ..runtime.precision import Numerics, autocast
+from ..runtime.switches import switch
 from ..nn import kernels as nn_kernels
 from ..nn.attention import backend_context
 from .dit import PartFormerDiT, StepOptions, draw_part_index
@@ -164,7 +165,7 @@ class DiTRunner:
         if model.use_part_embed and self.num_parts > model.valid_num:
             raise ValueError(f"K = {self.num_parts} parts exceed valid_num = {model.valid_num}")
         if compile is None:
-            compile = os.environ.get("TURBOPART_DIT_COMPILE", "0") == "1"
+            compile = switch("TURBOPART_DIT_COMPILE", False)
         # exact keeps the official op-for-op eager arithmetic (and its per-expert loop).
         compile = bool(compile) and model.numerics is Numerics.FAST
         self.opts = self._options(kernels, sdpa, kv_layout, compile)

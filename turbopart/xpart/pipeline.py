@@ -47,6 +47,7 @@ from ..mesh import GlbMesh
 from ..runtime import memory
 from ..runtime.precision import Numerics
 from ..runtime.profiling import Profile
+from ..runtime.switches import switch
 from . import decoding
 from . import preprocess as pp
 from .. import _lazy_import
@@ -285,7 +286,7 @@ class XPartPipeline:
         device = torch.device(device) if device is not None else default_device()
         if warm_up is None:
             warm_up = (device.type == "cuda" and parallel
-                       and os.environ.get("TURBOPART_WARMUP", "0") == "1")
+                       and switch("TURBOPART_WARMUP", False))
         num = Numerics.parse(numerics)
 
         def on_loaded(name: str, module) -> None:
@@ -634,12 +635,12 @@ def decode_share_from_env() -> int:
 
 def finish_threaded_from_env() -> bool:
     """``TURBOPART_FINISH_THREAD=0`` finishes each part in the decoding thread (for A/B)."""
-    return os.environ.get("TURBOPART_FINISH_THREAD", "1").strip() != "0"
+    return switch("TURBOPART_FINISH_THREAD")
 
 
 def foreground_priority_from_env() -> bool:
     """``TURBOPART_FOREGROUND_PRIORITY=0`` keeps the decoding on the default stream (A/B)."""
-    return os.environ.get("TURBOPART_FOREGROUND_PRIORITY", "1").strip() != "0"
+    return switch("TURBOPART_FOREGROUND_PRIORITY")
 
 
 def raise_failed(futures) -> None:

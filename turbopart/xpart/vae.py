@@ -41,6 +41,7 @@ from ..geometry.fps import farthest_point_sampling
 from ..nn.attention import attention
 from ..nn.fourier import FourierEmbedder, fourier_features
 from ..runtime import memory
+from ..runtime.switches import switch
 from .vae_blocks import (ResidualCrossAttentionBlock, Transformer, compute_dtype, layer_norm,
                          linear)
 
@@ -386,7 +387,7 @@ class FusedOptions(NamedTuple):
         d = cls()
         attn = os.environ.get("TURBOPART_DECODER_ATTN", d.attn).lower()
         gemm = os.environ.get("TURBOPART_DECODER_GEMM", d.gemm).lower()
-        glue = os.environ.get("TURBOPART_DECODER_GLUE", "1") != "0"
+        glue = switch("TURBOPART_DECODER_GLUE")
         if attn not in ATTN_CHOICES:
             raise ValueError(f"TURBOPART_DECODER_ATTN must be one of {ATTN_CHOICES}, got {attn!r}")
         if gemm not in GEMM_CHOICES:
