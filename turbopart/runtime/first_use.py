@@ -15,7 +15,8 @@ stream in, when the CPU and the GPU are mostly idle:
   decoder's Triton kernels that a first call reaches only half-way through
   its first full-resolution decode: the query-point Fourier kernel for fp16 / fp32 / fp64
   points (the official decoder's 8 frequencies and 56-wide operand; a compile there cost
-  ≈1 s on a machine's first run) and the refinement kernels of the octree-512 ladder, run
+  ≈1 s on a machine's first run), the grid front of the fast path and the refinement
+  kernels of the octree-512 ladder, run
   once so that their launchers are built too (≈0.5 s on a fresh machine otherwise);
 * the PyTorch kernels of the level bookkeeping, marching cubes and the clean-up, loaded by
   their first launch (:func:`geometry_kernels`: one tiny analytic sphere through the
@@ -74,6 +75,20 @@ def prompt_kernels(device: torch.device, points: int = 100_000) -> None:
     stream.synchronize()
 
 
+def grid_front_kernels(device: torch.device, frequencies: torch.Tensor,
+                       width: int = 1024) -> None:
+    """The fast decoder's separable grid front (:mod:`~turbopart.nn.kernels.grid_front`):
+    its tables' float64 products and its kernel at the official width, on a 2-vertex axis."""
+    from ..nn.kernels.grid_front import grid_front, grid_tables
+    bf = torch.bfloat16
+    qw = torch.zeros(width, 56, device=device, dtype=bf)
+    cw = torch.zeros(width, width, device=device, dtype=bf)
+    ones = torch.ones(width, device=device)
+    axis = torch.zeros(2, device=device)
+    t = grid_tables(axis, frequencies, True, bf, qw, qw[:, 0], ones, ones, cw, cw[0], 1e-6)
+    grid_front(torch.zeros(1, dtype=torch.long, device=device), t, bf)
+
+
 def decoder_kernels(device: torch.device) -> None:
     """Compile and run once, on a side stream, the geometry decoder's Triton kernels that a
     short call does not reach: the Fourier operand for fp16 / fp32 / fp64 points and the
@@ -90,6 +105,7 @@ def decoder_kernels(device: torch.device) -> None:
         for dt in (torch.float16, torch.float32, torch.float64):  # coarse, fast, exact
             pts = torch.zeros(64, 3, device=device, dtype=dt)
             kern.fourier_rows(pts, fr, True, torch.bfloat16, torch.bfloat16, 56)
+        grid_front_kernels(device, fr)
         refine_triton.warm_up(device)
     stream.synchronize()
 

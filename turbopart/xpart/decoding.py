@@ -62,8 +62,44 @@ INVALID_TEST = -9000.0
 DILATE_MAX_RESOLUTION = 510
 
 #: ``query_fn(points [P, Q, 3], parts: list[int]) -> logits [len(parts), Q]`` (any float
-#: dtype); ``P`` is ``len(parts)`` or 1 (one query set shared by every listed part).
+#: dtype); ``P`` is ``len(parts)`` or 1 (one query set shared by every listed part).  A
+#: query function with a true ``accepts_grid`` attribute is passed a :class:`GridQuery`
+#: (one set shared by the parts) instead of the points of a grid level.
 QueryFn = Callable[[torch.Tensor, list], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GridQuery:
+    """Query points given as vertices of a regular grid: flat indices ``lin`` [Q] (int64,
+    row-major over ``size``³) and the level's coordinate per index, ``axis`` [size], the
+    same on the three axes.  Point ``p = (axis[i], axis[j], axis[k])``; :meth:`points`
+    gives exactly the coordinates the level's queries have (the decoder's fast path uses
+    the grid structure instead: :mod:`turbopart.nn.kernels.grid_front`)."""
+
+    lin: torch.Tensor
+    size: int
+    axis: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.lin.shape[0]
+
+    def sliced(self, start: int, stop: int) -> "GridQuery":
+        return GridQuery(self.lin[start:stop], self.size, self.axis)
+
+    def points(self) -> torch.Tensor:
+        """The points [Q, 3] in the axis' dtype."""
+        s = self.size
+        lin = self.lin
+        return torch.stack((self.axis[lin // (s * s)], self.axis[(lin // s) % s],
+                            self.axis[lin % s]), dim=-1)
+
+
+def _ask(query_fn: QueryFn, q: GridQuery, parts: list) -> torch.Tensor:
+    """``query_fn`` on grid vertices ``q`` shared by ``parts``: as a :class:`GridQuery`
+    when the function takes one, else as points [1, Q, 3]."""
+    if getattr(query_fn, "accepts_grid", False):
+        return query_fn(q, parts)
+    return query_fn(q.points().unsqueeze(0), parts)
 
 
 def reuse_from_env() -> bool:
@@ -96,6 +132,24 @@ def coarse_axis(resolution: int, bounds: float = BOUNDS) -> np.ndarray:
     return np.linspace(-bounds, bounds, int(resolution) + 1, dtype=np.float32)
 
 
+def dense_axis(resolution: int, bounds: float = BOUNDS, *, fp16: bool = False,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """The dense grid's axis (:func:`coarse_axis`) as float32, rounded to float16 first
+    when ``fp16`` (the hierarchical decoder's coarse level)."""
+    ax = torch.from_numpy(coarse_axis(resolution, bounds)).to(device)
+    return ax.half().float() if fp16 else ax
+
+
+def fine_axis(resolution: int, bounds: float = BOUNDS, dtype: torch.dtype = torch.float64,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """A finer level's axis: ``index · (2b / R) − b`` in float64 (the official int64 ×
+    float64 tensor arithmetic: two float64 roundings), cast to ``dtype``."""
+    step = float(_extent(bounds) / int(resolution))  # official: numpy (max - min) / R
+    idx = torch.arange(int(resolution) + 1, dtype=torch.float64, device=device)
+    ax = idx * step + float(-bounds)  # Python floats are double scalars, as officially
+    return ax if dtype == torch.float64 else ax.to(dtype)
+
+
 def dense_grid_points(resolution: int, bounds: float = BOUNDS, *, fp16: bool = False,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """All (R+1)³ grid points, ``'ij'`` indexing, flattened row-major, float32.
@@ -103,9 +157,7 @@ def dense_grid_points(resolution: int, bounds: float = BOUNDS, *, fp16: bool = F
     ``fp16=True`` rounds them to float16 first (the hierarchical decoder's coarse level);
     ``False`` keeps float32 (``VanillaVolumeDecoder`` / ``generate_dense_grid_points``).
     """
-    ax = torch.from_numpy(coarse_axis(resolution, bounds)).to(device)
-    if fp16:
-        ax = ax.half().float()
+    ax = dense_axis(resolution, bounds, fp16=fp16, device=device)
     n = ax.numel()
     g = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1)
     return g.reshape(n * n * n, 3)
@@ -203,20 +255,6 @@ class DecodedVolumes:
     @property
     def queries_per_part(self) -> list[int]:
         return [sum(level[b] for level in self.queries) for b in range(len(self.parts))]
-
-
-def _fine_points(lin: torch.Tensor, size: int, step: float, bounds: float,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Grid index → coordinates ``index · step − bounds`` (float64 in exact mode, as the
-    official int64 × float64 tensor arithmetic)."""
-    i = lin // (size * size)
-    j = (lin // size) % size
-    k = lin % size
-    idx = torch.stack((i, j, k), dim=-1).to(torch.float64)
-    # Python floats are double scalars: the same two float64 roundings as the official
-    # tensor arithmetic, without host-to-device copies
-    pts = idx * float(step) + float(-bounds)
-    return pts if dtype == torch.float64 else pts.to(dtype)
 
 
 def _plan_slabs(plane_counts: Sequence[int], plane_size: int, chunk: int
@@ -319,17 +357,18 @@ def _coarse_level(query_fn: QueryFn, parts: list, r0: int, *, device, chunk: int
     """The fp16-rounded dense (R0+1)³ grid of every part, one shared query set per call
     (query_proj / c_q computed once for all parts): ``[B, d, d, d]`` float16."""
     b = len(parts)
-    pts = dense_grid_points(r0, bounds, fp16=True, device=device)
-    n0 = pts.shape[0]
+    d0 = r0 + 1
+    n0 = d0 ** 3
+    grid = GridQuery(torch.arange(n0, device=device), d0,
+                     dense_axis(r0, bounds, fp16=True, device=device))
     per_call = max(1, chunk // max(b, 1))
     out = torch.empty(b, n0, dtype=torch.float16, device=device)
     for s in range(0, n0, per_call):
-        q = pts[s:s + per_call]
-        logits = query_fn(q.unsqueeze(0), parts)  # one shared query set for all parts
-        out[:, s:s + q.shape[0]] = logits.reshape(b, -1).to(torch.float16)
+        q = grid.sliced(s, s + per_call)
+        logits = _ask(query_fn, q, parts)  # one shared query set for all parts
+        out[:, s:s + len(q)] = logits.reshape(b, -1).to(torch.float16)
         if on_queries is not None:
-            on_queries(b * q.shape[0])
-    d0 = r0 + 1
+            on_queries(b * len(q))
     return out.view(b, d0, d0, d0)
 
 
@@ -412,13 +451,13 @@ def _query_levels(query_fn: QueryFn, levels: list[_Level], index: torch.Tensor,
     g = len(levels)
     r = levels[0].r
     size, plane = r + 1, (r + 1) ** 2
-    step = float(_extent(bounds) / r)  # official: numpy (max - min) / R in float64
+    axis = fine_axis(r, bounds, fine_dtype, device=index.device)
     news = [lv.new_grid() for lv in levels]
     flats = [n.view(-1) for n in news]
     for a, e, n in _plan_slabs(plane_counts, plane, max(1, chunk // g)):
         lin = _nonzero_flat(index[a:e], n) + a * plane
-        q = _fine_points(lin, size, step, bounds, fine_dtype)
-        logits = query_fn(q.unsqueeze(0), parts).reshape(g, -1).to(torch.float16)
+        logits = _ask(query_fn, GridQuery(lin, size, axis), parts)
+        logits = logits.reshape(g, -1).to(torch.float16)
         for lv, flat, row in zip(levels, flats, logits):
             if g > 1:  # a union: the other parts' vertices keep this part's fill
                 row = torch.where(lv.fine.view(-1).index_select(0, lin), row,

@@ -480,6 +480,7 @@ class XPartPipeline:
                 idx = torch.as_tensor(parts, device=kv.k.device)
                 sub = type(kv)(kv.k[idx], kv.v[idx], kv.weights)
             return geo.query(points, sub)
+        query.accepts_grid = True  # grid levels come as decoding.GridQuery
         return query
 
     def _decode_and_mesh(self, kv, prep: pp.PreparedInputs, kept_world: np.ndarray,

@@ -42,6 +42,7 @@ from ..nn.attention import attention
 from ..nn.fourier import FourierEmbedder, fourier_features
 from ..runtime import memory
 from ..runtime.switches import switch
+from .decoding import GridQuery
 from .vae_blocks import (ResidualCrossAttentionBlock, Transformer, compute_dtype, layer_norm,
                          linear)
 
@@ -375,28 +376,42 @@ class FusedOptions(NamedTuple):
     four 1024-wide Linears in Triton, residual adds in the c_proj epilogues).
     ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
     PyTorch ops, for checks).
+    ``front``: for queries on a grid, :data:`FRONT_CHOICES`.
     """
     attn: str = "triton"
     gemm: str = "gelu_gluon"
     glue: bool = True
+    front: str = "grid"
 
     @classmethod
     def from_env(cls) -> "FusedOptions":
         """``TURBOPART_DECODER_ATTN`` / ``TURBOPART_DECODER_GEMM`` /
-        ``TURBOPART_DECODER_GLUE`` (0 = PyTorch glue) over the defaults."""
+        ``TURBOPART_DECODER_GLUE`` (0 = PyTorch glue) / ``TURBOPART_DECODER_FRONT`` over
+        the defaults."""
         d = cls()
-        attn = os.environ.get("TURBOPART_DECODER_ATTN", d.attn).lower()
-        gemm = os.environ.get("TURBOPART_DECODER_GEMM", d.gemm).lower()
-        glue = switch("TURBOPART_DECODER_GLUE")
-        if attn not in ATTN_CHOICES:
-            raise ValueError(f"TURBOPART_DECODER_ATTN must be one of {ATTN_CHOICES}, got {attn!r}")
-        if gemm not in GEMM_CHOICES:
-            raise ValueError(f"TURBOPART_DECODER_GEMM must be one of {GEMM_CHOICES}, got {gemm!r}")
-        return cls(attn, gemm, glue)
+        choice = {}
+        for name, options in (("attn", ATTN_CHOICES), ("gemm", GEMM_CHOICES),
+                              ("front", FRONT_CHOICES)):
+            var = f"TURBOPART_DECODER_{name.upper()}"
+            choice[name] = os.environ.get(var, getattr(d, name)).lower()
+            if choice[name] not in options:
+                raise ValueError(f"{var} must be one of {options}, got {choice[name]!r}")
+        return cls(choice["attn"], choice["gemm"], switch("TURBOPART_DECODER_GLUE"),
+                   choice["front"])
 
 
 ATTN_CHOICES = ("triton", "sdpa", "flash", "cudnn", "efficient")
 GEMM_CHOICES = ("cublas", "gelu", "gelu_tma", "gelu_pers", "gelu_gluon", "triton", "triton_tma")
+#: ``front``: queries on a grid (the volume decoder's levels) through the separable tables
+#: of :mod:`~turbopart.nn.kernels.grid_front` ("grid"), or as points through Fourier,
+#: query_proj, ln_1 and c_q with the official rounding points ("points").
+FRONT_CHOICES = ("grid", "points")
+
+
+class GridRows(NamedTuple):
+    """A chunk of grid-vertex queries with the tables of their grid axis (fused path)."""
+    lin: torch.Tensor
+    tables: Any
 #: ``TURBOPART_DECODER``: "auto" (fused on CUDA for bf16-stored weights, i.e. ``fast``
 #: numerics; eager otherwise), "eager" (the official op sequence), "fused", "compile".
 DECODER_MODES = ("auto", "eager", "fused", "compile")
@@ -428,7 +443,6 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     """
     from ..nn.kernels import decoder_triton as kern  # Triton is imported on first use
     cdt = w.query_w.dtype
-    bp, q, _ = pts.shape
     b = k.shape[0]
     width = w.cq_w.shape[0]
     glue = opts.glue
@@ -442,13 +456,19 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
             return kern.linear(x, wt, bias, epi, res, mode=mode)
         return kern.linear_ref(x, wt, bias, epi, res)
 
-    f = kern.fourier_rows(pts.reshape(bp * q, 3), w.frequencies, include_input, w.feat_dtype,
-                          cdt, w.query_w.shape[1], use_triton=glue)
-    e = F.linear(f, w.query_w, w.query_b)                                  # [Bp·q, W]
-    del f
-    h = kern.layer_norm(e, w.ln1_w, w.ln1_b, block_eps, use_triton=glue)
-    qh = lin(h, w.cq_w, w.cq_b)
-    del h
+    if isinstance(pts, GridRows):  # one shared set of grid vertices: separable front
+        from ..nn.kernels.grid_front import grid_front
+        bp, q = 1, pts.lin.shape[0]
+        e, qh = grid_front(pts.lin, pts.tables, cdt, use_triton=glue)
+    else:
+        bp, q, _ = pts.shape
+        f = kern.fourier_rows(pts.reshape(bp * q, 3), w.frequencies, include_input,
+                              w.feat_dtype, cdt, w.query_w.shape[1], use_triton=glue)
+        e = F.linear(f, w.query_w, w.query_b)                              # [Bp·q, W]
+        del f
+        h = kern.layer_norm(e, w.ln1_w, w.ln1_b, block_eps, use_triton=glue)
+        qh = lin(h, w.cq_w, w.cq_b)
+        del h
     qn_w = w.qn_w if has_qk_norm else None
     qn_b = w.qn_b if has_qk_norm else None
     if opts.attn == "triton":
@@ -547,6 +567,8 @@ class GeometryDecoder(nn.Module):
         self.fused_options: FusedOptions | None = None
         #: Paths that failed in this process (never retried; the eager path runs instead).
         self.failed_modes: set[str] = set()
+        #: Separable-front tables of recent grid axes (:meth:`_grid_rows`).
+        self._grid_tables: dict = {}
 
     # ---------------------------------------------------------------- official forward
 
@@ -658,11 +680,42 @@ class GeometryDecoder(nn.Module):
             return lambda *a: _decode_chunk_fused(*a, opts)
         return _decode_chunk
 
-    def _run_chunk(self, pts: torch.Tensor, kv: DecoderKV) -> torch.Tensor:
+    #: Grid axes whose separable-front tables are kept (the levels of one decode).
+    GRID_TABLES_KEPT = 4
+
+    def _grid_rows(self, grid: GridQuery, w: DecoderWeights) -> GridRows:
+        """The chunk's rows with the tables of its axis (built once per axis and weights)."""
+        from ..nn.kernels.grid_front import grid_tables
+        ax = grid.axis
+        key = (ax.data_ptr(), ax.shape[0], ax.dtype, ax.device, id(w))
+        hit = self._grid_tables.get(key)
+        if hit is None:
+            tabs = grid_tables(ax, w.frequencies, self.fourier_embedder.include_input,
+                               w.feat_dtype, w.query_w, w.query_b, w.ln1_w, w.ln1_b,
+                               w.cq_w, w.cq_b, self.cross_attn_decoder.ln_1.eps)
+            while len(self._grid_tables) >= self.GRID_TABLES_KEPT:
+                self._grid_tables.pop(next(iter(self._grid_tables)))
+            hit = self._grid_tables[key] = (ax, w, tabs)  # ax, w kept: their ids stay valid
+        return GridRows(grid.lin, hit[2])
+
+    def _chunk_points(self, pts, kv: DecoderKV):
+        """A :class:`GridQuery` chunk as the path takes it: grid rows for the fused path's
+        separable front, else its points [1, Q, 3]."""
+        if not isinstance(pts, GridQuery):
+            return pts
+        if self.query_mode(kv.k.device) == "fused":
+            opts = self.fused_options or FusedOptions.from_env()
+            if opts.front == "grid":
+                return self._grid_rows(pts, kv.weights)
+        return pts.points().unsqueeze(0)
+
+    def _run_chunk(self, pts, kv: DecoderKV) -> torch.Tensor:
+        grid = pts if isinstance(pts, GridQuery) else None
+        pts = self._chunk_points(pts, kv)
         args = (pts, kv.k, kv.v, kv.weights, self.heads, self.fourier_embedder.include_input,
                 self.enable_ln_post, self.qk_norm, self.cross_attn_decoder.ln_1.eps,
                 self.ln_post.eps if self.enable_ln_post else 1e-5)
-        fn = self._chunk_fn(pts.device)
+        fn = self._chunk_fn(kv.k.device)
         ctx = None
         if self.sdpa_backends:
             from torch.nn.attention import sdpa_kernel
@@ -675,42 +728,52 @@ class GeometryDecoder(nn.Module):
         except Exception as exc:  # compiled / fused path failed: warn once, fall back to eager
             if fn is _decode_chunk or memory.is_oom(exc):
                 raise
-            mode = self.query_mode(pts.device)
+            mode = self.query_mode(kv.k.device)
             warnings.warn(f"geometry decoder path {mode!r} failed ({type(exc).__name__}: "
                           f"{exc}); using the eager path from now on", RuntimeWarning)
             self.failed_modes.add(mode)
+            if grid is not None:
+                args = (grid.points().unsqueeze(0),) + args[1:]
             return _decode_chunk(*args)
 
     @torch.no_grad()
-    def query(self, points: torch.Tensor, kv: DecoderKV, *, max_rows: int | None = None
-              ) -> torch.Tensor:
+    def query(self, points: torch.Tensor | GridQuery, kv: DecoderKV, *,
+              max_rows: int | None = None) -> torch.Tensor:
         """Logits [B, Q] (positive inside; matmul dtype) of ``points`` [B, Q, 3] against the
         cached ``kv`` of B parts.  ``points`` may be [1, Q, 3]: one query set shared by all
-        parts (the coarse grid) — its projection and queries are computed once.
+        parts (the coarse grid) — its projection and queries are computed once — or a
+        :class:`~turbopart.xpart.decoding.GridQuery` (grid vertices shared by all parts).
         The points' dtype sets the Fourier precision, as officially: fp16 coordinates are
         embedded in fp32, fp64 coordinates in fp64 (spec §3.5)."""
-        bp, nq, _ = points.shape
+        grid = isinstance(points, GridQuery)
+        bp, nq = (1, len(points)) if grid else points.shape[:2]
         b = kv.batch
         if bp not in (1, b):
             raise ValueError(f"{bp} query sets for {b} cached parts")
         out = torch.empty(b, nq, dtype=kv.dtype, device=kv.k.device)
         if nq == 0:
             return out
+
+        def rows_of(i, s, e):  # query sets i (all when None), points s:e
+            if grid:
+                return points.sliced(s, e)
+            return points[:, s:e] if i is None else points[i:i + 1, s:e]
         rows = self.rows_per_chunk(kv.k.device, max_rows)
         if bp == 1 and b > 1:  # shared queries: chunk the query axis, all parts at once
             step = max(1, rows // b)
             for s in range(0, nq, step):
-                out[:, s:s + step] = self._run_chunk(points[:, s:s + step], kv)
+                out[:, s:s + step] = self._run_chunk(rows_of(None, s, s + step), kv)
             return out
         if nq >= rows:
             for i in range(b):
                 kvi = kv.select(i, i + 1)
                 for s in range(0, nq, rows):
-                    out[i:i + 1, s:s + rows] = self._run_chunk(points[i:i + 1, s:s + rows], kvi)
+                    out[i:i + 1, s:s + rows] = self._run_chunk(rows_of(i, s, s + rows), kvi)
             return out
         parts = max(1, rows // nq)
         for i in range(0, b, parts):
-            out[i:i + parts] = self._run_chunk(points[i:i + parts], kv.select(i, i + parts))
+            pts = points if grid else points[i:i + parts]
+            out[i:i + parts] = self._run_chunk(pts, kv.select(i, i + parts))
         return out
 
     @torch.no_grad()
