@@ -380,12 +380,31 @@ _KERNEL_SCRIPT = textwrap.dedent(r"""
     B, H, T, D, n = 2, 2, 64, 64, 40
     k, v, q = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B * n, H * D)
     qw, qb = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g) * 0.1
+    import os
+    os.environ["TURBOPART_DECODER_SCORE_BOUND"] = "0"
     o = K.attention(q, k, v, qw, qb, 1e-6, n, config=K.AttnConfig(32, 64, 4, 1))
     qh = K._ln_ref(q.view(B, n, H, D), qw, qb, 1e-6).transpose(1, 2).float()
     s = qh @ k.float().transpose(-1, -2) * (0.125 * 1.4426950408889634)
     pm = torch.exp2(s - s.amax(-1, keepdim=True))
     o_ref = ((pm.to(bf).float() @ v.float()) / pm.sum(-1, keepdim=True)).to(bf)
     assert torch.equal(o, o_ref.transpose(1, 2).reshape(B * n, H * D))
+    # the score bound (default): exponentials against c = |q| max|k| scale, no running max
+    del os.environ["TURBOPART_DECODER_SCORE_BOUND"]
+    o = K.attention(q, k, v, qw, qb, 1e-6, n, config=K.AttnConfig(32, 64, 4, 1))
+    kn = k.float().norm(dim=-1).amax(-1)[:, :, None, None]
+    c = qh.norm(dim=-1, keepdim=True) * kn * (0.125 * 1.4426950408889634)
+    assert c.max() < K.SCORE_BOUND_LIMIT and (s.amax(-1, keepdim=True) <= c).all()
+    pc = torch.exp2(s - c)
+    o_ref = ((pc.to(bf).float() @ v.float()) / pc.sum(-1, keepdim=True)).to(bf)
+    o_ref = o_ref.transpose(1, 2).reshape(B * n, H * D)
+    assert (o.float() - o_ref.float()).abs().max() <= 0.01 * o_ref.float().abs().max()
+    assert (o != o_ref).float().mean() < 0.05
+    # a bound over the limit: the online softmax
+    K.SCORE_BOUND_LIMIT, limit = -1.0, K.SCORE_BOUND_LIMIT
+    o2 = K.attention(q, k, v, qw, qb, 1e-6, n, config=K.AttnConfig(32, 64, 4, 1))
+    K.SCORE_BOUND_LIMIT = limit
+    o_ref = ((pm.to(bf).float() @ v.float()) / pm.sum(-1, keepdim=True)).to(bf)
+    assert torch.equal(o2, o_ref.transpose(1, 2).reshape(B * n, H * D))
     # shared queries (stride-0 part axis), two key blocks, no q_norm: vs the PyTorch path
     o = K.attention(q[:n], k, v, None, None, 1e-6, n, config=K.AttnConfig(16, 32, 4, 1))
     o_ref = K.attention_ref(q[:n], k, v, None, None, 1e-6, n)

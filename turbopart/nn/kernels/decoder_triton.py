@@ -13,6 +13,8 @@ points of the official bf16 autocast run), only the order of fp32 reductions dif
 * :func:`attention` — softmax(q kᵀ / √d) v over the part's keys (flash-style online softmax,
   fp32 scores, P rounded to bf16 before P·V, as SDPA's flash kernel), with the per-head
   q_norm LayerNorm fused into the Q load and one query set optionally shared by every part;
+  tiles whose Cauchy–Schwarz score bound is small take the exponentials against that bound
+  instead of a running maximum (same function; P's bf16 rounding falls differently);
 * :func:`linear` — ``bf16(x Wᵀ + b)`` with an optional exact-erf GELU
   (``bf16(gelu(bf16(x Wᵀ + b)))``) or residual (``bf16(r + bf16(x Wᵀ + b))``) epilogue;
   pointer loads or TMA descriptors.
@@ -43,6 +45,7 @@ except Exception:  # noqa: BLE001
     triton = None
     tl = None
 
+from ...runtime.switches import switch
 from . import _DISABLED, disabled, reset, run_or_fallback  # noqa: F401 (shared; re-exported)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -191,12 +194,19 @@ if triton is not None:
         return q
 
     @triton.jit(do_not_specialize=["n_q"])
-    def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, qb_ptr, n_q,
+    def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, qb_ptr, kn_ptr, n_q,
                      stride_qb, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
-                     stride_ob, stride_om, qk_scale, eps,
+                     stride_ob, stride_om, qk_scale, eps, bound_limit,
                      H: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, QNORM: tl.constexpr):
-        """One (query tile, part, head): O = softmax(Q Kᵀ / √D) V, Q through q_norm."""
+                     BN: tl.constexpr, QNORM: tl.constexpr, BOUND: tl.constexpr):
+        """One (query tile, part, head): O = softmax(Q Kᵀ / √D) V, Q through q_norm.
+
+        BOUND: ``kn_ptr`` holds max‖k‖ per (part, head); a row's scores (log2 units) are at
+        most ``c = ‖q‖·max‖k‖·scale`` and at least −c, so when every row of the tile has
+        ``c ≤ bound_limit`` the exponentials are taken against c instead of the running
+        maximum (softmax is shift-invariant; e^(s−c) ≥ 2^(−2c) stays a normal number):
+        no running max, no rescaling of the accumulator.  Other tiles run the online
+        softmax."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -207,22 +217,36 @@ if triton is not None:
         d = tl.arange(0, D)
         q = _q_tile(q_ptr + b * stride_qb + h * D, qw_ptr, qb_ptr, rows64, rmask, d, stride_qm,
                     eps, D, QNORM, k_ptr.dtype.element_ty)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
         kbase = k_ptr + b * stride_kb + h * stride_kh
         vbase = v_ptr + b * stride_vb + h * stride_vh
         n = tl.arange(0, BN)
-        for start in range(0, T, BN):
-            kt = tl.load(kbase + (start + n)[:, None] * D + d[None, :])
-            s = tl.dot(q, tl.trans(kt))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(vbase + (start + n)[:, None] * D + d[None, :])
-            acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-            m_i = m_new
+        fixed = False
+        if BOUND:
+            qf = q.to(tl.float32)
+            c = tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(kn_ptr + pid_bh) * qk_scale
+            fixed = tl.max(c, 0) <= bound_limit
+        if fixed:
+            for start in range(0, T, BN):
+                kt = tl.load(kbase + (start + n)[:, None] * D + d[None, :])
+                s = tl.dot(q, tl.trans(kt))
+                p = tl.math.exp2(s * qk_scale - c[:, None])
+                l_i += tl.sum(p, 1)
+                vt = tl.load(vbase + (start + n)[:, None] * D + d[None, :])
+                acc = tl.dot(p.to(vt.dtype), vt, acc)
+        else:
+            m_i = tl.full([BM], float("-inf"), tl.float32)
+            for start in range(0, T, BN):
+                kt = tl.load(kbase + (start + n)[:, None] * D + d[None, :])
+                s = tl.dot(q, tl.trans(kt))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vt = tl.load(vbase + (start + n)[:, None] * D + d[None, :])
+                acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
+                m_i = m_new
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + rows64[:, None] * stride_om + h * D + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -555,6 +579,16 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qn_w, qn_b,
     return o.transpose(1, 2).reshape(bsz * n_q, h * d)
 
 
+#: Largest score bound (log2 units) for which a tile skips the running maximum: its
+#: exponentials then lie in [2^(−2·limit), 1], normal fp32 / bf16 numbers.
+SCORE_BOUND_LIMIT = 60.0
+
+
+def score_bound_enabled() -> bool:
+    """``TURBOPART_DECODER_SCORE_BOUND=0``: always the online softmax (A/B)."""
+    return switch("TURBOPART_DECODER_SCORE_BOUND")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qn_w, qn_b, eps: float,
               n_q: int, use_triton: bool = True, config: AttnConfig | None = None
               ) -> torch.Tensor:
@@ -579,11 +613,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qn_w, qn_b, eps
         qk_scale = (1.0 / math.sqrt(d)) * 1.4426950408889634
         grid = (triton.cdiv(n_q, cfg.bm), bsz * h)
         has_norm = qn_w is not None
+        bound = score_bound_enabled()
+        kn = (torch.linalg.vector_norm(kk, dim=-1, dtype=torch.float32).amax(-1).reshape(-1)
+              if bound else q)
         _attn_kernel[grid](
-            q, kk, vv, out, qn_w if has_norm else q, qn_b if has_norm else q, n_q,
+            q, kk, vv, out, qn_w if has_norm else q, qn_b if has_norm else q, kn, n_q,
             0 if shared else n_q * h * d, h * d, kk.stride(0), kk.stride(1), vv.stride(0),
-            vv.stride(1), n_q * h * d, h * d, qk_scale, float(eps),
-            H=h, T=t, D=d, BM=cfg.bm, BN=cfg.bn, QNORM=has_norm,
+            vv.stride(1), n_q * h * d, h * d, qk_scale, float(eps), SCORE_BOUND_LIMIT,
+            H=h, T=t, D=d, BM=cfg.bm, BN=cfg.bn, QNORM=has_norm, BOUND=bound,
             num_warps=cfg.warps, num_stages=cfg.stages)
         return out
     return run_or_fallback("attention", launch, ref)
