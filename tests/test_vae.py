@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import MANIFESTS, case_path, needs_gpu, needs_triton, run_in_triton_interpreter
 from turbopart import weights
@@ -512,6 +513,26 @@ def test_gluon_gelu_gemm_on_hopper_is_the_triton_kernel():
         ref = K.linear_ref(x, w, b, K.EPI_GELU)
         assert (out != ref).float().mean().item() < 1e-3, m
     assert "linear_gluon" not in K.disabled(), K.disabled()
+
+
+@needs_gpu
+def test_attention_kernel_both_softmax_paths_on_cuda(monkeypatch):
+    """The score-bound tiles and the online softmax (bound over the limit, or switched off)
+    both compile and agree with SDPA; no kernel is switched off."""
+    from turbopart.nn.kernels import decoder_triton as K
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, T, D, n = 2, 16, 1024, 64, 3000
+    k = F.layer_norm(torch.randn(B, H, T, D, generator=g, device="cuda"), (D,)).bfloat16()
+    v = torch.randn(B, H, T, D, generator=g, device="cuda").bfloat16()
+    q = torch.randn(n, H * D, generator=g, device="cuda").bfloat16()
+    qw = torch.ones(D, device="cuda")
+    qb = torch.zeros(D, device="cuda")
+    ref = K.attention_ref(q, k, v, qw, qb, 1e-6, n).float()
+    for switch in ("1", "0"):
+        monkeypatch.setenv("TURBOPART_DECODER_SCORE_BOUND", switch)
+        out = K.attention(q, k, v, qw, qb, 1e-6, n).float()
+        assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    assert "attention" not in K.disabled(), K.disabled()
 
 
 @needs_gpu

@@ -198,15 +198,15 @@ if triton is not None:
                      stride_qb, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
                      stride_ob, stride_om, qk_scale, eps, bound_limit,
                      H: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, QNORM: tl.constexpr, BOUND: tl.constexpr):
+                     BN: tl.constexpr, QNORM: tl.constexpr):
         """One (query tile, part, head): O = softmax(Q Kᵀ / √D) V, Q through q_norm.
 
-        BOUND: ``kn_ptr`` holds max‖k‖ per (part, head); a row's scores (log2 units) are at
-        most ``c = ‖q‖·max‖k‖·scale`` and at least −c, so when every row of the tile has
+        ``kn_ptr`` holds max‖k‖ per (part, head); a row's scores (log2 units) are at most
+        ``c = ‖q‖·max‖k‖·scale`` and at least −c, so when every row of the tile has
         ``c ≤ bound_limit`` the exponentials are taken against c instead of the running
         maximum (softmax is shift-invariant; e^(s−c) ≥ 2^(−2c) stays a normal number):
-        no running max, no rescaling of the accumulator.  Other tiles run the online
-        softmax."""
+        no running max, no rescaling of the accumulator.  Other tiles (every tile when
+        ``bound_limit`` < 0) run the online softmax."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -222,12 +222,9 @@ if triton is not None:
         kbase = k_ptr + b * stride_kb + h * stride_kh
         vbase = v_ptr + b * stride_vb + h * stride_vh
         n = tl.arange(0, BN)
-        fixed = False
-        if BOUND:
-            qf = q.to(tl.float32)
-            c = tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(kn_ptr + pid_bh) * qk_scale
-            fixed = tl.max(c, 0) <= bound_limit
-        if fixed:
+        qf = q.to(tl.float32)
+        c = tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(kn_ptr + pid_bh) * qk_scale
+        if tl.max(c, 0) <= bound_limit:
             for start in range(0, T, BN):
                 kt = tl.load(kbase + (start + n)[:, None] * D + d[None, :])
                 s = tl.dot(q, tl.trans(kt))
@@ -613,14 +610,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qn_w, qn_b, eps
         qk_scale = (1.0 / math.sqrt(d)) * 1.4426950408889634
         grid = (triton.cdiv(n_q, cfg.bm), bsz * h)
         has_norm = qn_w is not None
-        bound = score_bound_enabled()
-        kn = (torch.linalg.vector_norm(kk, dim=-1, dtype=torch.float32).amax(-1).reshape(-1)
-              if bound else q)
+        kn = torch.linalg.vector_norm(kk, dim=-1, dtype=torch.float32).amax(-1).reshape(-1)
+        limit = SCORE_BOUND_LIMIT if score_bound_enabled() else -1.0
         _attn_kernel[grid](
             q, kk, vv, out, qn_w if has_norm else q, qn_b if has_norm else q, kn, n_q,
             0 if shared else n_q * h * d, h * d, kk.stride(0), kk.stride(1), vv.stride(0),
-            vv.stride(1), n_q * h * d, h * d, qk_scale, float(eps), SCORE_BOUND_LIMIT,
-            H=h, T=t, D=d, BM=cfg.bm, BN=cfg.bn, QNORM=has_norm, BOUND=bound,
+            vv.stride(1), n_q * h * d, h * d, qk_scale, float(eps), limit,
+            H=h, T=t, D=d, BM=cfg.bm, BN=cfg.bn, QNORM=has_norm,
             num_warps=cfg.warps, num_stages=cfg.stages)
         return out
     return run_or_fallback("attention", launch, ref)
