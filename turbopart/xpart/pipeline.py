@@ -99,6 +99,13 @@ class PartResult:
     color: np.ndarray | None = None
     area: float | None = None       # surface area in the input frame (None: from the mesh)
     reused: list[int] = field(default_factory=list)    # per level: values from the level before
+    center: np.ndarray | None = None  # mean vertex (explode offsets); None: from the mesh
+
+    def __post_init__(self):
+        if self.center is None and self.mesh is not None and len(self.mesh.vertices):
+            # here, where the part is finished (a worker thread beside the decoding), not
+            # when the exploded scene is written after the last part
+            self.center = np.asarray(self.mesh.vertices).mean(axis=0)
 
     @property
     def name(self) -> str:
@@ -202,7 +209,7 @@ def explode_offsets(parts: Sequence[PartResult], distance: float = 0.2
     ok = [p for p in parts if p.ok]
     if len(ok) <= 1:
         return {}
-    centers = np.stack([np.asarray(p.mesh.vertices).mean(axis=0) for p in ok])
+    centers = np.stack([p.center for p in ok])
     g = centers.mean(axis=0)
     out = {}
     for i, (p, c) in enumerate(zip(ok, centers)):
