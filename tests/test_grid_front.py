@@ -120,8 +120,7 @@ def test_decoder_grid_queries(dtype):
     ref = geo.query(grid.points().unsqueeze(0), kv, max_rows=999)
     assert torch.equal(geo.query(grid, kv, max_rows=999), ref)
     geo.kernel = "fused"
-    geo.fused_options = vae_mod.FusedOptions("sdpa", "cublas", front="points",
-                                             residual_gemm=False)
+    geo.fused_options = vae_mod.FusedOptions("sdpa", "cublas", front="points")
     torch.testing.assert_close(geo.query(grid, kv, max_rows=999).float(), ref.float(),
                                rtol=0, atol=1e-5)
     geo.fused_options = vae_mod.FusedOptions("sdpa", "cublas", front="grid")

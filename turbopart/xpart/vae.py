@@ -377,16 +377,11 @@ class FusedOptions(NamedTuple):
     ``glue``: the LayerNorm / residual / output-projection kernels in Triton (False: the
     PyTorch ops, for checks).
     ``front``: for queries on a grid, :data:`FRONT_CHOICES`.
-    ``residual_gemm``: with a cuBLAS c_fc2 (not "triton*"), the residual add of the MLP
-    inside the GEMM (``x.addmm_``, beta 1) with c_fc2's bias folded into the stored residual
-    (``bf16(x + b)``, one more rounding there, one fewer after the product): the MLP output
-    is neither written nor read back (``TURBOPART_DECODER_RESIDUAL_GEMM=0``: off).
     """
     attn: str = "triton"
     gemm: str = "gelu_gluon"
     glue: bool = True
     front: str = "grid"
-    residual_gemm: bool = True
 
     @classmethod
     def from_env(cls) -> "FusedOptions":
@@ -402,7 +397,7 @@ class FusedOptions(NamedTuple):
             if choice[name] not in options:
                 raise ValueError(f"{var} must be one of {options}, got {choice[name]!r}")
         return cls(choice["attn"], choice["gemm"], switch("TURBOPART_DECODER_GLUE"),
-                   choice["front"], switch("TURBOPART_DECODER_RESIDUAL_GEMM"))
+                   choice["front"])
 
 
 ATTN_CHOICES = ("triton", "sdpa", "flash", "cudnn", "efficient")
@@ -493,8 +488,7 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     else:
         p = F.linear(a, w.proj_w, w.proj_b)
         del a
-        x, h = kern.add_layer_norm(e, p, w.ln3_w, w.ln3_b, block_eps, use_triton=glue,
-                                   x_bias=w.fc2_b if opts.residual_gemm else None)
+        x, h = kern.add_layer_norm(e, p, w.ln3_w, w.ln3_b, block_eps, use_triton=glue)
         del p, e
     m = lin(h, w.fc_w, w.fc_b, kern.EPI_GELU, use=gelu_triton)
     del h
@@ -502,10 +496,6 @@ def _decode_chunk_fused(pts: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     lnb = w.lnp_b if has_ln_post else None
     if all_triton:
         x = lin(m, w.fc2_w, w.fc2_b, kern.EPI_RESIDUAL, x)
-        del m
-        out = kern.add_ln_dot(x, None, lnw, lnb, post_eps, w.out_w, w.out_b, use_triton=glue)
-    elif opts.residual_gemm:  # x holds bf16(x + fc2 bias): the GEMM adds its product to it
-        x.addmm_(m, w.fc2_w.t())
         del m
         out = kern.add_ln_dot(x, None, lnw, lnb, post_eps, w.out_w, w.out_b, use_triton=glue)
     else:

@@ -102,18 +102,13 @@ if triton is not None:
         return r64, rmask, c, x
 
     @triton.jit(do_not_specialize=["n_rows", "a_rows"])
-    def _ln_rows_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, x_ptr, y_ptr, xb_ptr, n_rows, a_rows,
-                        eps, N: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr,
-                        STORE_X: tl.constexpr, X_BIAS: tl.constexpr):
-        """y = bf16(LN(x)), x = a (+ b, rounded to the storage dtype); row r reads a[r % a_rows].
-        X_BIAS: the stored x is bf16(x + xb) (a later layer's bias, folded in)."""
+    def _ln_rows_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, x_ptr, y_ptr, n_rows, a_rows, eps,
+                        N: tl.constexpr, ROWS: tl.constexpr, HAS_B: tl.constexpr,
+                        STORE_X: tl.constexpr):
+        """y = bf16(LN(x)), x = a (+ b, rounded to the storage dtype); row r reads a[r % a_rows]."""
         r64, rmask, c, x = _added_rows(a_ptr, b_ptr, n_rows, a_rows, N, ROWS, HAS_B)
         if STORE_X:
-            xs = x
-            if X_BIAS:
-                xs = (x.to(tl.float32) + tl.load(xb_ptr + c).to(tl.float32)[None, :]
-                      ).to(x_ptr.dtype.element_ty)
-            tl.store(x_ptr + r64[:, None] * N + c[None, :], xs, mask=rmask[:, None])
+            tl.store(x_ptr + r64[:, None] * N + c[None, :], x, mask=rmask[:, None])
         xf = x.to(tl.float32)
         y = _ln_affine(xf, w_ptr, bias_ptr, c, eps, N)
         tl.store(y_ptr + r64[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty),
@@ -406,16 +401,15 @@ def _ln_ok(*ts: torch.Tensor) -> bool:
             and all(t is None or t.is_contiguous() for t in ts))
 
 
-def _ln_rows_launch(a, b, w, bias, eps, n_rows, store_x, x_bias=None):
+def _ln_rows_launch(a, b, w, bias, eps, n_rows, store_x):
     n = a.shape[-1]
     y = torch.empty(n_rows, n, dtype=a.dtype, device=a.device)
     x = torch.empty(n_rows, n, dtype=a.dtype, device=a.device) if store_x else y
     rows = max(1, min(128, 8192 // n))
     grid = (triton.cdiv(n_rows, rows),)
-    _ln_rows_kernel[grid](a, a if b is None else b, w, bias, x, y,
-                          w if x_bias is None else x_bias, n_rows, a.shape[0],
+    _ln_rows_kernel[grid](a, a if b is None else b, w, bias, x, y, n_rows, a.shape[0],
                           float(eps), N=n, ROWS=rows, HAS_B=b is not None, STORE_X=store_x,
-                          X_BIAS=x_bias is not None, num_warps=8 if rows * n >= 8192 else 4)
+                          num_warps=8 if rows * n >= 8192 else 4)
     return x, y
 
 
@@ -430,19 +424,15 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
 
 
 def add_layer_norm(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor,
-                   bias: torch.Tensor, eps: float, use_triton: bool = True,
-                   x_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias: torch.Tensor, eps: float, use_triton: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, bf16(LN_fp32(x)))`` with ``x = a + b`` in the storage dtype (``a`` [A, N] is
-    shared by the row blocks of ``b`` [P·A, N]); ``b`` None: ``x = a``.  ``x_bias`` (with
-    ``b``): the returned x is ``bf16(x + x_bias)`` (the LayerNorm still reads x)."""
+    shared by the row blocks of ``b`` [P·A, N]); ``b`` None: ``x = a``."""
     n_rows = a.shape[0] if b is None else b.shape[0]
-    if b is None and x_bias is not None:
-        raise ValueError("x_bias needs b")
 
     def ref():
         x = _add_ref(a, b)
-        xs = x if x_bias is None else (x.float() + x_bias.float()).to(x.dtype)
-        return xs, _ln_ref(x, w, bias, eps)
+        return x, _ln_ref(x, w, bias, eps)
     if not (use_triton and _ln_ok(a, b)):
         return ref()
     if b is None:
@@ -450,8 +440,7 @@ def add_layer_norm(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor,
             "layer_norm", lambda: _ln_rows_launch(a, None, w, bias, eps, n_rows, False)[1],
             lambda: _ln_ref(a, w, bias, eps))
     return run_or_fallback(
-        "add_layer_norm",
-        lambda: _ln_rows_launch(a, b, w, bias, eps, n_rows, True, x_bias), ref)
+        "add_layer_norm", lambda: _ln_rows_launch(a, b, w, bias, eps, n_rows, True), ref)
 
 
 def add_ln_dot(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | None,
