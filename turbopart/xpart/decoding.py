@@ -68,7 +68,7 @@ DILATE_MAX_RESOLUTION = 510
 QueryFn = Callable[[torch.Tensor, list], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors inside: identity, not element-wise equality
 class GridQuery:
     """Query points given as vertices of a regular grid: flat indices ``lin`` [Q] (int64,
     row-major over ``size``³) and the level's coordinate per index, ``axis`` [size], the
