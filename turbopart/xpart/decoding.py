@@ -431,27 +431,34 @@ class _Level:
             self._prev = self._taken = None
 
     def run(self, query_fn: QueryFn, part, *, chunk: int, bounds: float,
-            fine_dtype: torch.dtype, on_queries) -> tuple[torch.Tensor, int]:
+            fine_dtype: torch.dtype, on_queries, axes: dict | None = None
+            ) -> tuple[torch.Tensor, int]:
         """Queue the level's queries: its grid ``[R+1]³`` float16 (NaN / INVALID where not
         evaluated) and the number of queries."""
         (new,) = _query_levels(query_fn, [self], self.fine, self.counts(), [part],
                                chunk=chunk, bounds=bounds, fine_dtype=fine_dtype,
-                               on_queries=on_queries)
+                               on_queries=on_queries, axes=axes)
         return new, sum(self.counts())
 
 
 def _query_levels(query_fn: QueryFn, levels: list[_Level], index: torch.Tensor,
                   plane_counts: list[int], parts: list, *, chunk: int, bounds: float,
-                  fine_dtype: torch.dtype, on_queries) -> list[torch.Tensor]:
+                  fine_dtype: torch.dtype, on_queries, axes: dict | None = None
+                  ) -> list[torch.Tensor]:
     """Queue the queries of the fine vertices ``index`` (boolean ``[R+1]³``, ``plane_counts``
     set per first-axis plane: one level's own index, or the union of several parts' at one
     resolution) for the parts of ``levels`` as one shared point set, in slabs of at most
     ``chunk`` rows; each part's new grid takes only the values of its own vertices.
+    ``axes``: the level axes made so far, by resolution (one tensor per level of a decode,
+    so a query function keeps what it derives from an axis).
     Returns the grids (reused vertices filled in, :meth:`_Level.take_reused`)."""
     g = len(levels)
     r = levels[0].r
     size, plane = r + 1, (r + 1) ** 2
-    axis = fine_axis(r, bounds, fine_dtype, device=index.device)
+    axes = {} if axes is None else axes
+    axis = axes.get(r)
+    if axis is None:
+        axis = axes[r] = fine_axis(r, bounds, fine_dtype, device=index.device)
     news = [lv.new_grid() for lv in levels]
     flats = [n.view(-1) for n in news]
     for a, e, n in _plan_slabs(plane_counts, plane, max(1, chunk // g)):
@@ -501,13 +508,13 @@ class _SharedLevel:
         return union > 0 and union * (SHARED_FRONT + g * (1.0 - SHARED_FRONT)) < own
 
     def run(self, query_fn: QueryFn, parts: list, *, chunk: int, bounds: float,
-            fine_dtype: torch.dtype, on_queries
+            fine_dtype: torch.dtype, on_queries, axes: dict | None = None
             ) -> tuple[list[torch.Tensor], list[int], list[int]]:
         """As :meth:`_Level.run` for every part: grids, own query counts, rows evaluated
         (the union's size) per part."""
         news = _query_levels(query_fn, self.levels, self.union, self.counts(), parts,
                              chunk=chunk, bounds=bounds, fine_dtype=fine_dtype,
-                             on_queries=on_queries)
+                             on_queries=on_queries, axes=axes)
         self.union = None
         rows = sum(self.counts())
         return news, [sum(lv.counts()) for lv in self.levels], [rows] * len(self.levels)
@@ -583,7 +590,8 @@ def iter_volumes(query_fn: QueryFn, parts: Sequence[int], octree_resolution: int
         for bi, part in enumerate(parts):
             yield PartVolume(part, bi, ladder[-1], ladder, grids[bi], None, [n0], [0], [n0])
         return
-    run = dict(chunk=chunk, bounds=bounds, fine_dtype=fine_dtype, on_queries=on_queries)
+    run = dict(chunk=chunk, bounds=bounds, fine_dtype=fine_dtype, on_queries=on_queries,
+               axes={})  # one axis tensor per level for the whole decode
 
     def refine(grid, li):
         r = ladder[li]

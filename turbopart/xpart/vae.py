@@ -412,6 +412,8 @@ class GridRows(NamedTuple):
     """A chunk of grid-vertex queries with the tables of their grid axis (fused path)."""
     lin: torch.Tensor
     tables: Any
+
+
 #: ``TURBOPART_DECODER``: "auto" (fused on CUDA for bf16-stored weights, i.e. ``fast``
 #: numerics; eager otherwise), "eager" (the official op sequence), "fused", "compile".
 DECODER_MODES = ("auto", "eager", "fused", "compile")
@@ -671,12 +673,10 @@ class GeometryDecoder(nn.Module):
         return memory.items_that_fit(self.bytes_per_row(self.query_mode(device)), device,
                                      minimum=floor, maximum=cap)
 
-    def _chunk_fn(self, device: torch.device):
-        mode = self.query_mode(device)
+    def _chunk_fn(self, mode: str, opts: FusedOptions | None):
         if mode == "compile":
             return _compiled_decode_chunk(self.compile_mode)
         if mode == "fused":
-            opts = self.fused_options or FusedOptions.from_env()
             return lambda *a: _decode_chunk_fused(*a, opts)
         return _decode_chunk
 
@@ -698,24 +698,17 @@ class GeometryDecoder(nn.Module):
             hit = self._grid_tables[key] = (ax, w, tabs)  # ax, w kept: their ids stay valid
         return GridRows(grid.lin, hit[2])
 
-    def _chunk_points(self, pts, kv: DecoderKV):
-        """A :class:`GridQuery` chunk as the path takes it: grid rows for the fused path's
-        separable front, else its points [1, Q, 3]."""
-        if not isinstance(pts, GridQuery):
-            return pts
-        if self.query_mode(kv.k.device) == "fused":
-            opts = self.fused_options or FusedOptions.from_env()
-            if opts.front == "grid":
-                return self._grid_rows(pts, kv.weights)
-        return pts.points().unsqueeze(0)
-
     def _run_chunk(self, pts, kv: DecoderKV) -> torch.Tensor:
+        mode = self.query_mode(kv.k.device)
+        opts = (self.fused_options or FusedOptions.from_env()) if mode == "fused" else None
         grid = pts if isinstance(pts, GridQuery) else None
-        pts = self._chunk_points(pts, kv)
+        if grid is not None:  # grid rows for the fused separable front, else the points
+            pts = (self._grid_rows(grid, kv.weights) if opts is not None and opts.front == "grid"
+                   else grid.points().unsqueeze(0))
         args = (pts, kv.k, kv.v, kv.weights, self.heads, self.fourier_embedder.include_input,
                 self.enable_ln_post, self.qk_norm, self.cross_attn_decoder.ln_1.eps,
                 self.ln_post.eps if self.enable_ln_post else 1e-5)
-        fn = self._chunk_fn(kv.k.device)
+        fn = self._chunk_fn(mode, opts)
         ctx = None
         if self.sdpa_backends:
             from torch.nn.attention import sdpa_kernel
@@ -728,7 +721,6 @@ class GeometryDecoder(nn.Module):
         except Exception as exc:  # compiled / fused path failed: warn once, fall back to eager
             if fn is _decode_chunk or memory.is_oom(exc):
                 raise
-            mode = self.query_mode(kv.k.device)
             warnings.warn(f"geometry decoder path {mode!r} failed ({type(exc).__name__}: "
                           f"{exc}); using the eager path from now on", RuntimeWarning)
             self.failed_modes.add(mode)
