@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_gpu, needs_triton, run_in_triton_interpreter
 from turbopart.geometry import cleanup as C
 from turbopart.geometry.marching_cubes import grid_to_world, marching_cubes
 
@@ -171,6 +172,56 @@ def test_components_torch_equals_scipy(seed):
     f = f[torch.from_numpy(rng.permutation(len(f)))]             # scrambled face order
     a, b = C.face_components(f, "torch"), C.face_components(f, "scipy")
     assert torch.equal(a, b) and len(torch.unique(a)) > 5
+
+
+_UNION_FIND_SCRIPT = r"""
+import numpy as np, torch
+from turbopart.geometry import cleanup as C
+from turbopart.geometry.components_triton import component_roots
+from turbopart.geometry.marching_cubes import marching_cubes
+rng = np.random.default_rng(3)
+vol = rng.standard_normal((12, 12, 12)).astype(np.float32)
+_, f = marching_cubes(torch.from_numpy(vol), 0.3)
+f = f[torch.from_numpy(rng.permutation(len(f)))].long()
+u, v = C._edge_pairs(f)
+ref = C._components_torch(len(f), u, v)
+assert torch.equal(component_roots(len(f), u, v), ref)
+assert len(torch.unique(ref)) > 3
+# a long path given in the worst order, a star, self-pairs, duplicate pairs, isolated nodes
+n = 700
+path = torch.arange(n - 1, 0, -1)
+u = torch.cat([path, torch.full((50,), 650), torch.tensor([5, 5, 9, 9])])
+v = torch.cat([path - 1, torch.arange(600, 650), torch.tensor([5, 5, 10, 10])])
+assert torch.equal(component_roots(n + 20, u, v), C._components_torch(n + 20, u, v))
+assert component_roots(0, u[:0], v[:0]).numel() == 0
+print("ok")
+"""
+
+
+@needs_triton
+def test_union_find_components_in_interpreter():
+    """The union-find kernel gives the PyTorch formulation's labels (interpreter)."""
+    run_in_triton_interpreter(_UNION_FIND_SCRIPT, timeout=600)
+
+
+@needs_gpu
+@pytest.mark.parametrize("seed", [0, 1])
+def test_union_find_components_on_cuda(seed):
+    """The CUDA union-find equals the PyTorch formulation on a foam of ~1 M faces in a
+    scrambled order (concurrent links race; the labels may not depend on it)."""
+    from turbopart.geometry.components_triton import component_roots
+    from turbopart.nn.kernels import disabled
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    vol = torch.randn(96, 96, 96, generator=g, device="cuda")
+    vol = torch.nn.functional.avg_pool3d(vol[None, None], 5, 1, 2)[0, 0]
+    _, f = marching_cubes(vol, 0.0)
+    f = f[torch.randperm(len(f), generator=g, device="cuda")].long()
+    u, v = C._edge_pairs(f)
+    ref = C._components_torch(len(f), u, v)
+    for _ in range(3):
+        assert torch.equal(component_roots(len(f), u, v), ref)
+    assert torch.equal(C.face_components(f), ref)
+    assert "face_components" not in disabled()
 
 
 def test_official_part_mesh_end_to_end():

@@ -233,16 +233,27 @@ def _components_torch(n: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def face_components(faces: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Component label per face over face–edge adjacency (MeshLab's FF topology).
 
-    Labels are the smallest face index of each component.  ``backend``: ``"torch"``
-    (device-side, any device; converges in a handful of iterations on marching-cubes
-    meshes), ``"scipy"`` (host, :mod:`turbopart.geometry.components`); ``"auto"`` = torch.
+    Labels are the smallest face index of each component.  ``backend``: ``"triton"``
+    (CUDA: union-find, each face pair read once,
+    :mod:`turbopart.geometry.components_triton`), ``"torch"`` (device-side, any device;
+    converges in a handful of iterations on marching-cubes meshes), ``"scipy"`` (host,
+    :mod:`turbopart.geometry.components`); ``"auto"`` = triton on CUDA with Triton
+    (``TURBOPART_UNION_FIND=0``: torch), else torch.  All give the same labels.
     """
     nf = faces.shape[0]
     if nf == 0:
         return torch.zeros(0, dtype=torch.long, device=faces.device)
     u, v = _edge_pairs(faces)
     if backend == "auto":
-        backend = "torch"
+        from ..nn import kernels
+        from ..runtime.switches import switch
+        backend = ("triton" if kernels.available(faces.device) and switch("TURBOPART_UNION_FIND")
+                   else "torch")
+    if backend == "triton":
+        from ..nn.kernels import run_or_fallback
+        from .components_triton import component_roots
+        return run_or_fallback("face_components", lambda: component_roots(nf, u, v),
+                               lambda: _components_torch(nf, u, v))
     if backend == "torch":
         return _components_torch(nf, u, v)
     from .components import connected_components
