@@ -449,6 +449,27 @@ def test_runner_cuda_graph_equals_eager_tiny():
         assert rel(b, a) < 1e-3
 
 
+@needs_gpu
+def test_runner_graphs_only_small_steps_by_default(monkeypatch):
+    """The default captures a step of at most GRAPH_MAX_TOKENS latent tokens in a graph and
+    runs larger steps eagerly; TURBOPART_DIT_GRAPH=1 / 0 overrides."""
+    from turbopart.xpart import dit_runner as R
+    dev = torch.device("cuda")
+    model = random_model(tiny(), seed=7).to(dev)
+    to_bf16_linears(model).prepare("fast")
+    _, _, ctx, _ = inputs(model, 3, 32, 20, 24)
+    obj, geo = ctx["obj_cond"].to(dev), ctx["geo_cond"].to(dev)
+    monkeypatch.delenv("TURBOPART_DIT_GRAPH", raising=False)
+    assert DiTRunner(model, obj, geo, latent_tokens=32).use_graph       # 96 tokens
+    monkeypatch.setattr(R, "GRAPH_MAX_TOKENS", 64)
+    assert not DiTRunner(model, obj, geo, latent_tokens=32).use_graph
+    monkeypatch.setenv("TURBOPART_DIT_GRAPH", "1")
+    assert DiTRunner(model, obj, geo, latent_tokens=32).use_graph
+    monkeypatch.setattr(R, "GRAPH_MAX_TOKENS", 4096)
+    monkeypatch.setenv("TURBOPART_DIT_GRAPH", "0")
+    assert not DiTRunner(model, obj, geo, latent_tokens=32).use_graph
+
+
 # --------------------------------------------------------------------------- fused fast step
 
 from turbopart.nn import kernels as nn_kernels  # noqa: E402
