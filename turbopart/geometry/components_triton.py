@@ -46,7 +46,9 @@ if triton is not None:
             p = tl.load(parent_ptr + x, volatile=True)
         return x
 
-    @triton.jit
+    # sizes not specialised: one compiled kernel for every part (a first part whose size
+    # differs from the warm-up's in divisibility would otherwise compile beside the decoding)
+    @triton.jit(do_not_specialize=["n_pairs"])
     def _link_kernel(u_ptr, v_ptr, parent_ptr, n_pairs, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n_pairs
@@ -65,7 +67,7 @@ if triton is not None:
             rb = _roots(parent_ptr, tl.where(todo, rb, 0))
             todo = todo & (ra != rb)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _label_kernel(parent_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
