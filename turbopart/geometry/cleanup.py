@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..nn import kernels
 from ..runtime import memory
+from ..runtime.switches import switch
 
 __all__ = ["official_cleanup", "reverse_faces", "drop_nonfinite", "merge_vertices",
            "remove_repeated_index_faces", "long_edge_faces", "delete_faces",
@@ -245,15 +247,12 @@ def face_components(faces: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long, device=faces.device)
     u, v = _edge_pairs(faces)
     if backend == "auto":
-        from ..nn import kernels
-        from ..runtime.switches import switch
         backend = ("triton" if kernels.available(faces.device) and switch("TURBOPART_UNION_FIND")
                    else "torch")
     if backend == "triton":
-        from ..nn.kernels import run_or_fallback
         from .components_triton import component_roots
-        return run_or_fallback("face_components", lambda: component_roots(nf, u, v),
-                               lambda: _components_torch(nf, u, v))
+        return kernels.run_or_fallback("face_components", lambda: component_roots(nf, u, v),
+                                       lambda: _components_torch(nf, u, v))
     if backend == "torch":
         return _components_torch(nf, u, v)
     from .components import connected_components

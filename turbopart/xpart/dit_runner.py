@@ -69,7 +69,6 @@ from .scheduler import FlowMatchEulerScheduler
 GRAPH_MAX_TOKENS = 2048
 
 
-
 # --------------------------------------------------------------------------- memory plan
 
 def kv_cache_bytes_per_block(model: PartFormerDiT, num_parts: int, obj_tokens: int,
@@ -195,10 +194,9 @@ class DiTRunner:
             self.obj = self.geo = None  # not needed any more
         grouped = all(b.moe.impl == "grouped" for b in model.blocks if b.use_moe)
         if cuda_graph is None:
-            forced = os.environ.get("TURBOPART_DIT_GRAPH", "").strip()
             small = self.num_parts * n_lat <= GRAPH_MAX_TOKENS
             cuda_graph = (self.device.type == "cuda" and model.numerics is Numerics.FAST
-                          and grouped and (forced == "1" or (small and forced != "0")))
+                          and grouped and switch("TURBOPART_DIT_GRAPH", small))
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph needs a CUDA model")
         self.use_graph = bool(cuda_graph)
